@@ -1,0 +1,33 @@
+"""Typed configuration: the dataclasses behind `conf/` and their registration with Hydra."""
+
+from xgen.config.schema import (
+    DataMixConfig,
+    HardwareConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SourceConfig,
+    StageConfig,
+    TaskConfig,
+    TokenizerConfig,
+    TrainerConfig,
+    XGenConfig,
+)
+from xgen.config.store import ConfigError, register_configs, to_object
+
+__all__ = [
+    "ConfigError",
+    "DataMixConfig",
+    "HardwareConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "SourceConfig",
+    "StageConfig",
+    "TaskConfig",
+    "TokenizerConfig",
+    "TrainerConfig",
+    "XGenConfig",
+    "register_configs",
+    "to_object",
+]

@@ -1,0 +1,177 @@
+"""Typed configs behind every `conf/` group.
+
+Hydra merges each group's YAML into these dataclasses, so a misspelt key or a
+value of the wrong type fails at composition time, naming the key, instead of
+deep inside JAX. Each dataclass is the only thing its home package reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TaskConfig:
+    """Which job `xgen.run` dispatches to (`xgen/tasks/<name>.py`)."""
+
+    name: str = "pretrain"
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA/XGen transformer dimensions (home: `xgen.model`)."""
+
+    name: str = MISSING
+    d_model: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    # Key/value heads; equal to n_heads for XGen/LLaMA-7B (multi-head attention).
+    n_kv_heads: Optional[int] = None
+    d_ff: int = MISSING
+    vocab_size: int = 51200
+    max_positions: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to build (home: `xgen.tokenizer`)."""
+
+    name: str = "xgen"
+
+
+@dataclass
+class SourceConfig:
+    """One corpus of a mixture (home: `xgen.data`)."""
+
+    # `python_docs`: pydoc_data.topics prose; `python_stdlib`: the interpreter's own .py files;
+    # `prepared`: shards written by `task=prepare` under `path`.
+    kind: str = MISSING
+    weight: float = MISSING
+    path: Optional[str] = None
+    # Keep at most this many documents (chosen by the data seed); None keeps all.
+    max_documents: Optional[int] = None
+    # Only for StarCoder-style sources: licenses allowed (empty allows every license).
+    licenses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataMixConfig:
+    """A mixture of sources with sampling proportions (home: `xgen.data`)."""
+
+    name: str = MISSING
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # Documents with fewer tokens are dropped (the report's rule).
+    min_doc_tokens: int = 100
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One pre-training stage: sequence length and token budget (home: `xgen.train`)."""
+
+    name: str = MISSING
+    seq_len: int = MISSING
+    # Tokens per optimizer step; the batch is batch_tokens // seq_len sequences.
+    batch_tokens: int = MISSING
+    # The stage's token budget from the report (tokens, not steps).
+    token_budget: int = MISSING
+    # The stage whose final checkpoint this one starts from (None: from scratch).
+    init_from_stage: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warmup then cosine decay (home: `xgen.train.optimizer`)."""
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 2000
+    # Cosine length in steps; None means the run's `trainer.steps`.
+    decay_steps: Optional[int] = None
+    # The learning rate decays to this fraction of the peak.
+    min_lr_ratio: float = 0.1
+
+
+# Logical axis -> mesh axes (MaxText style). A mesh axis is used at most once per array:
+# activations [batch, length, embed] shard batch over data+fsdp and leave embed whole,
+# while parameters [embed, mlp] shard embed over fsdp (ZeRO-3) and mlp over tensor.
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ["data", "fsdp"]),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+)
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axis sizes; -1 takes the devices left over (home: `xgen.parallel`)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class HardwareConfig:
+    """The machine: devices, mesh, precision and the figures MFU and carbon need."""
+
+    name: str = MISSING
+    platform: str = MISSING  # cpu | gpu | tpu
+    device_kind: str = MISSING  # e.g. "TPU v4", "H100"
+    num_devices: int = MISSING  # chips in the whole job
+    # Cloud TPU accelerator type for launchers (counts TensorCores: v4-1024 is 512 chips).
+    accelerator_type: Optional[str] = None
+    # Virtual CPU devices (sets XLA_FLAGS before JAX starts); None leaves XLA alone.
+    host_device_count: Optional[int] = None
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # Logical axis name -> mesh axes; the one table that decides all placement.
+    logical_axis_rules: list[Any] = field(default_factory=lambda: [list(r) for r in DEFAULT_AXIS_RULES])
+    compute_dtype: str = "float32"  # dtype of matmul inputs; parameters stay float32
+    peak_flops_per_chip: Optional[float] = None  # None: measured at start-up (CPU)
+    memory_per_chip_bytes: Optional[int] = None
+    chip_power_w: Optional[float] = None
+    pue: float = 1.1
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, cadence and output (home: `xgen.train.loop`)."""
+
+    # Optimizer steps; None runs the stage's token budget (token_budget // batch_tokens).
+    steps: Optional[int] = None
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    checkpoints_to_keep: int = 3
+    tensorboard: bool = False
+
+
+@dataclass
+class XGenConfig:
+    """The whole run: one field per `conf/` group plus run-wide settings."""
+
+    task: TaskConfig = MISSING
+    model: ModelConfig = MISSING
+    tokenizer: TokenizerConfig = MISSING
+    data_mix: DataMixConfig = MISSING
+    stage: StageConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0

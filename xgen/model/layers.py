@@ -1,0 +1,69 @@
+"""Building blocks of the LLaMA/XGen transformer: linear maps, RMSNorm, rotary embeddings.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...) as
+metadata; `xgen.parallel` maps them to mesh axes with a rules table, so the model never
+names a device. Parameters are float32; matmul inputs are cast to the compute dtype and
+accumulate in float32 (the report: float32 everywhere but bf16 matmuls).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Applies a sharding constraint to an activation given its logical axis names.
+Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+
+
+def no_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """The default Constrain: leave placement to XLA (one device, or tests)."""
+    del names
+    return x
+
+
+def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter annotated with logical axis names (read by `nnx.get_partition_spec`)."""
+    assert value.ndim == len(names), (value.shape, names)
+    return nnx.Param(value, eager_sharding=False, out_sharding=tuple(names))
+
+
+class Linear(nnx.Module):
+    """y = x @ W without bias; W is [d_in, d_out], the transpose of a PyTorch Linear weight."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], *, std: float, dtype, rngs: nnx.Rngs):
+        self.kernel = logical_param(std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32), names)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA's RMSNorm, computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float):
+        self.scale = logical_param(jnp.ones((dim,), jnp.float32), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return x * self.scale[...]
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of shape [batch, length, 1, head_dim] for the rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding in LLaMA checkpoints' rotate-half layout: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,125 @@
+"""The XGen (LLaMA) decoder: pre-norm blocks of causal attention then a SwiGLU MLP.
+
+Numerically LLaMA's, so checkpoints move to and from third-party LLaMA code unchanged:
+RMSNorm before each sub-layer, sequential (not parallel) attention and MLP, rotary
+embeddings in the rotate-half layout, no biases, separate input and output embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xgen.config import ModelConfig
+from xgen.model.layers import Constrain, Linear, RMSNorm, apply_rope, logical_param, no_constraint, rope_angles
+
+
+class Attention(nnx.Module):
+    """Causal multi-head (or grouped-query) self-attention with rotary positions."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.theta = cfg.rope_theta
+        self.dtype = dtype
+        self.constrain = constrain
+        kw = dict(std=cfg.init_std, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(cfg.d_model, self.n_heads * self.head_dim, ("embed", "heads"), **kw)
+        self.k_proj = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, ("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, ("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.d_model, ("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_angles(positions, self.head_dim, self.theta)
+        q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        out = jax.nn.dot_product_attention(
+            q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype), is_causal=True
+        )
+        out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
+        kw = dict(std=cfg.init_std, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(cfg.d_ff, cfg.d_model, ("mlp", "embed"), **kw)
+        self.constrain = constrain
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(self.constrain(h, ("batch", "length", "mlp")))
+
+
+class Block(nnx.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)): sequential, pre-norm."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+        self.attn = Attention(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
+        self.constrain = constrain
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        x = x + self.attn(self.input_norm(x), positions)
+        x = x + self.mlp(self.post_attn_norm(x))
+        return self.constrain(x, ("batch", "length", "embed"))
+
+
+class XGenModel(nnx.Module):
+    """tokens [batch, length] -> float32 logits [batch, length, vocab]."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        constrain: Constrain = no_constraint,
+        rngs: nnx.Rngs,
+    ):
+        self.constrain = constrain
+        embed = cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
+        self.embed_tokens = logical_param(embed, ("vocab", "embed"))
+        self.layers = nnx.List([Block(cfg, dtype=dtype, constrain=constrain, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, rngs=rngs)
+        )
+        self.dtype = dtype
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        x = self.constrain(x, ("batch", "length", "embed"))
+        for layer in self.layers:
+            x = layer(x, positions)
+        x = self.norm(x)
+        if self.lm_head is None:
+            w = self.embed_tokens[...].T
+            logits = jnp.matmul(x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        return self.constrain(logits, ("batch", "length", "vocab"))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from shapes alone (`nnx.eval_shape`): no memory for a 7B model."""
+    abstract = nnx.eval_shape(lambda: XGenModel(cfg, rngs=nnx.Rngs(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+

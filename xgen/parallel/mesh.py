@@ -1,0 +1,71 @@
+"""The device mesh from `hardware`, and logical-axis names -> shardings through the rules table.
+
+Code names logical axes (`embed`, `mlp`, `batch`...); the hardware config's
+`logical_axis_rules` decides which mesh axes they split over, so switching from data
+parallelism to FSDP to FSDP + tensor parallelism is a config override. The mesh uses
+`AxisType.Auto` (GSPMD propagation, as MaxText), not this JAX's default explicit axes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import flax.linen as nn
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from xgen.config import ConfigError, HardwareConfig
+from xgen.config.validate import mesh_shape
+from xgen.model.layers import Constrain, no_constraint
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
+
+
+def make_mesh(hw: HardwareConfig) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the first `hardware.num_devices` devices."""
+    sizes = mesh_shape(hw)
+    devices = jax.devices()
+    if len(devices) < hw.num_devices:
+        raise ConfigError(
+            f"hardware={hw.name} wants {hw.num_devices} devices but JAX sees {len(devices)} "
+            f"{devices[0].platform} device(s)"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[: hw.num_devices])
+
+
+def axis_rules(hw: HardwareConfig) -> Rules:
+    """The config's [[name, axes], ...] as the tuple of pairs flax's rule functions take."""
+    rules = []
+    for entry in hw.logical_axis_rules:
+        name, axes = entry
+        rules.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(rules)
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> NamedSharding:
+    """The NamedSharding for an array whose axes have these logical names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
+
+
+def _constrain(x: jax.Array, names: Sequence[str | None], *, mesh: Mesh, rules: Rules) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, rules, names))
+
+
+def activation_constraint(mesh: Mesh, rules: Rules) -> Constrain:
+    """What the model calls on its main activations; nothing to do on one device."""
+    if mesh.size == 1:
+        return no_constraint
+    return partial(_constrain, mesh=mesh, rules=rules)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings for a pytree whose nnx Variables carry logical names; other leaves replicate."""
+    specs = nnx.get_partition_spec(abstract_state)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules)), specs, is_leaf=is_spec
+    )

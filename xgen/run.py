@@ -1,0 +1,101 @@
+"""`python -m xgen.run`: compose the config with Hydra, validate it, dispatch on `task.name`.
+
+This module imports no JAX: the hardware config may need to set XLA_FLAGS (virtual CPU
+devices) before JAX starts, and `--cfg job` should print a TPU pod's config instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from xgen.config import ConfigError, register_configs, to_object
+from xgen.config.validate import validate
+from xgen.tasks import run_task
+
+register_configs()
+
+# Set HYDRA_FULL_ERROR=1 yourself to see full tracebacks for config errors too.
+_USER_WANTS_TRACES = "HYDRA_FULL_ERROR" in os.environ
+_CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _config_error_line(ex: BaseException) -> str | None:
+    """One readable line for a config mistake, or None if `ex` is not one."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(ex, (HydraException, OmegaConfBaseException, ConfigError)):
+        return None
+    parts = []
+    seen: BaseException | None = ex
+    while seen is not None:
+        first = str(seen).strip().splitlines()[0].strip() if str(seen).strip() else ""
+        if first and first not in parts:
+            parts.append(first)
+        seen = seen.__cause__
+    line = ": ".join(parts) or type(ex).__name__
+    if isinstance(ex, MissingConfigException) and ex.options:
+        line += f" (available: {', '.join(sorted(ex.options))})"
+    return line
+
+
+def _set_host_devices(cfg: DictConfig) -> None:
+    """Ask XLA for N virtual CPU devices; only effective before JAX is first imported."""
+    count = cfg.hardware.get("host_device_count")
+    if not count:
+        return
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.device_count() < count and cfg.hardware.platform == "cpu":
+            raise ConfigError(
+                f"hardware.host_device_count={count} but JAX already started with "
+                f"{jax.device_count()} device(s); set XLA_FLAGS={flag} before starting Python"
+            )
+
+
+def _exit_on_config_error(ex: BaseException) -> None:
+    """Print one line and exit 2 if `ex` is a config mistake (and the user did not ask for traces)."""
+    line = None if _USER_WANTS_TRACES else _config_error_line(ex)
+    if line is None:
+        return
+    print(f"xgen: config error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        _set_host_devices(cfg)
+        typed = to_object(cfg)
+        validate(typed)
+        run_task(typed, Path(HydraConfig.get().runtime.output_dir))
+    except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
+        # Exiting here, not in main(): Hydra would log a second line for a failed job.
+        _exit_on_config_error(ex)
+        raise
+
+
+def main() -> None:
+    """Console entry point: config mistakes end in one line on stderr and exit code 2."""
+    # Let composition errors reach us instead of Hydra's multi-line report.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _hydra_entry()
+    except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
+        _exit_on_config_error(ex)
+        raise
+
+
+if __name__ == "__main__":
+    main()

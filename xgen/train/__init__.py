@@ -1,0 +1,1 @@
+"""Training: the train state and step, the optimizer, checkpoints, metrics and the loop."""

@@ -1,0 +1,66 @@
+"""Step metrics (clu.metrics) and where they go: metrics.jsonl, the console, TensorBoard.
+
+`clu.metric_writers` would bring TensorFlow (over 1 GB) into every install, so xgen writes
+its own JSON Lines file (the record a run is judged by) and, when `trainer.tensorboard`
+is on, TensorBoard event files through the small `tensorboardX` package (extra `tensorboard`).
+"""
+
+# No `from __future__ import annotations`: clu reads the metric classes from the annotations.
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from clu import metrics as clu_metrics
+from flax import struct
+
+from xgen.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """Averaged over the steps between two log lines; the learning rate is the last step's."""
+
+    loss: clu_metrics.Average.from_output("loss")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+    learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; optionally mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ConfigError("trainer.tensorboard=true needs tensorboardX: pip install 'xgen[tensorboard]'")
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str:
+    """The console line: step, loss, learning rate, gradient norm, throughput, ETA."""
+    eta = f"{int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
+    return (
+        f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | lr {record['learning_rate']:.2e} | "
+        f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | ETA {eta}"
+    )

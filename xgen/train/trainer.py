@@ -1,0 +1,186 @@
+"""The training loop: builds the partitioned state and step from the config, then runs them.
+
+Config flows one way: the trainer reads `model`, `optimizer`, `stage`, `hardware` and
+`trainer`, builds a mesh, a sharded TrainState and one compiled step, and consumes
+batches from any grain dataset. It restores the newest checkpoint in the run directory,
+so running the same command again in the same directory resumes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xgen.config import ConfigError, XGenConfig
+from xgen.config.validate import mesh_shape
+from xgen.model import XGenModel, count_params
+from xgen.parallel import activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
+from xgen.train import checkpoint
+from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
+from xgen.train.optimizer import lr_schedule, make_optimizer
+from xgen.train.step import TrainState, train_step
+
+log = logging.getLogger(__name__)
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host (what CPU devices share)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def total_steps(cfg: XGenConfig) -> int:
+    """`trainer.steps`, or the stage's token budget in steps."""
+    return cfg.trainer.steps or max(cfg.stage.token_budget // cfg.stage.batch_tokens, 1)
+
+
+class Trainer:
+    """Owns the mesh, the sharded train state, the compiled step and the checkpoint manager."""
+
+    def __init__(self, cfg: XGenConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.steps = total_steps(cfg)
+        self.batch_size = cfg.stage.batch_tokens // cfg.stage.seq_len
+        sizes = mesh_shape(cfg.hardware)
+        if self.batch_size % (sizes["data"] * sizes["fsdp"]):
+            raise ConfigError(
+                f"batch of {self.batch_size} sequences (stage.batch_tokens / stage.seq_len) does not split over "
+                f"the mesh's data x fsdp = {sizes['data'] * sizes['fsdp']} devices"
+            )
+        self.mesh = make_mesh(cfg.hardware)
+        rules = axis_rules(cfg.hardware)
+        self.schedule = lr_schedule(cfg.optimizer, self.steps)
+        self.tx = make_optimizer(cfg.optimizer, self.schedule)
+        make_model = partial(
+            XGenModel,
+            cfg.model,
+            dtype=jnp.dtype(cfg.hardware.compute_dtype),
+            constrain=activation_constraint(self.mesh, rules),
+        )
+
+        def init(key: jax.Array) -> TrainState:
+            params = nnx.state(make_model(rngs=nnx.Rngs(key)))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(rngs=nnx.Rngs(0))))
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        self.state_sharding = state_shardings(abstract, self.mesh, rules)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
+        )
+        self._init = jax.jit(init, out_shardings=self.state_sharding)
+        tokens_sharding = logical_sharding(self.mesh, rules, ("batch", "length"))
+        self.batch_sharding = {"inputs": tokens_sharding, "targets": tokens_sharding}
+        self._step = jax.jit(
+            partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule),
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, None),
+            donate_argnums=0,
+        )
+        log.info(
+            "model %s: %s parameters | mesh %s over %d %s device(s) | %d steps of %d x %d tokens",
+            cfg.model.name,
+            f"{count_params(cfg.model):,}",
+            dict(self.mesh.shape),
+            self.mesh.size,
+            self.mesh.devices.flat[0].platform,
+            self.steps,
+            self.batch_size,
+            cfg.stage.seq_len,
+        )
+
+    def fit(self, dataset: grain.MapDataset) -> dict:
+        """Train to `self.steps`, resuming from the newest checkpoint; returns the run summary."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        compiled = self._step.lower(self.abstract_state, self._abstract_batch()).compile()
+        log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
+        self._check_memory(compiled)
+        mngr = checkpoint.open_manager(self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep)
+        batches = iter(dataset.to_iter_dataset())
+        restored = checkpoint.restore_latest(mngr, self.abstract_state)
+        if restored is None:
+            state = self._init(jax.random.key(cfg.seed))
+        else:
+            state, data_state, _ = restored
+            batches.set_state(data_state)
+        start = int(state.step)
+        meta = {"config": dataclasses.asdict(cfg)}
+        metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard)
+
+        acc, last, window_start, window_t0 = None, None, start, time.perf_counter()
+        train_t0 = window_t0
+        for step in range(start + 1, self.steps + 1):
+            batch = jax.device_put(next(batches), self.batch_sharding)
+            state, out = compiled(state, batch)
+            m = TrainMetrics.single_from_model_output(**out)
+            acc = m if acc is None else acc.merge(m)
+            if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps:
+                values = {k: float(v) for k, v in acc.compute().items()}
+                now = time.perf_counter()
+                tokens = (step - window_start) * cfg.stage.batch_tokens
+                last = {
+                    "step": step,
+                    **values,
+                    "tokens_seen": step * cfg.stage.batch_tokens,
+                    "tokens_per_s": tokens / (now - window_t0),
+                    "elapsed_s": now - train_t0,
+                }
+                metrics_log.write(last)
+                eta = (now - train_t0) / (step - start) * (self.steps - step)
+                log.info(progress_line(last, self.steps, eta))
+                acc, window_start, window_t0 = None, step, now
+            if step == self.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
+                checkpoint.save(mngr, step, state, batches.get_state(), {**meta, "step": step})
+        mngr.wait_until_finished()
+        mngr.close()
+        metrics_log.close()
+        wall = time.perf_counter() - t_start
+        trained = self.steps - start
+        summary = {
+            "steps": self.steps,
+            "steps_this_run": trained,
+            "final_loss": last["loss"] if last else None,
+            "tokens_per_s": trained * cfg.stage.batch_tokens / (time.perf_counter() - train_t0) if trained else None,
+            "wall_s": wall,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if trained:
+            log.info(
+                "done: %d steps (%d this run), final loss %.4f, %s tokens/s, wall time %.1f s; run dir %s",
+                self.steps, trained, summary["final_loss"], f"{summary['tokens_per_s']:,.0f}", wall, self.run_dir,
+            )  # fmt: skip
+        else:
+            log.info("nothing to do: the checkpoint in %s is already at step %d", self.run_dir, self.steps)
+        return summary
+
+    def _check_memory(self, compiled) -> None:
+        """Refuse, in one line, a step that cannot fit in device memory (before allocating it)."""
+        mem = compiled.memory_analysis()
+        if mem is None:
+            return
+        needed = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        needed -= mem.alias_size_in_bytes
+        hw = self.cfg.hardware
+        available = hw.memory_per_chip_bytes or host_memory_bytes() // hw.num_devices
+        log.info("train step memory: %.2f GiB per device of %.1f GiB", needed / 2**30, available / 2**30)
+        if needed > available:
+            raise ConfigError(
+                f"the train step needs {needed / 2**30:.1f} GiB per device but hardware={hw.name} has "
+                f"{available / 2**30:.1f} GiB: lower stage.batch_tokens (now {self.cfg.stage.batch_tokens}) "
+                "or use a smaller model"
+            )
+
+    def _abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (self.batch_size, self.cfg.stage.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in self.batch_sharding.items()}
