@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from xgen.config import ConfigError, XGenConfig
 
-# task.name -> module with `run(cfg: XGenConfig, run_dir: Path) -> None`.
+# task.name -> module with `run(cfg: XGenConfig, run_dir: Path)`.
 TASKS = {
     "pretrain": "xgen.tasks.pretrain",
 }
 
 
-def run_task(cfg: XGenConfig, run_dir: Path) -> None:
-    """Import and run the task that `cfg.task.name` names."""
+def run_task(cfg: XGenConfig, run_dir: Path) -> Any:
+    """Import and run the task that `cfg.task.name` names; returns the task's result."""
     module = TASKS.get(cfg.task.name)
     if module is None:
         raise ConfigError(f"task.name={cfg.task.name!r} is not one of {sorted(TASKS)}")
-    importlib.import_module(module).run(cfg, run_dir)
+    return importlib.import_module(module).run(cfg, run_dir)

@@ -1,0 +1,24 @@
+"""Shared fixtures: composing configs through Hydra's compose API, as `python -m xgen.run` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from xgen.config import XGenConfig, register_configs, to_object
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+register_configs()
+
+
+def compose_config(*overrides: str) -> XGenConfig:
+    """The typed config that `python -m xgen.run <overrides>` would run."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_object(compose("config", overrides=list(overrides)))
+
+
+@pytest.fixture
+def make_config():
+    return compose_config

@@ -1,0 +1,100 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from xgen.config import ModelConfig
+from xgen.model import XGenModel, count_params
+from xgen.model.layers import apply_rope, rope_angles
+
+TINY = ModelConfig(name="t", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=128, max_positions=64)
+
+
+def make(cfg: ModelConfig = TINY, seed: int = 0) -> XGenModel:
+    return XGenModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def closed_form_params(c: ModelConfig) -> int:
+    head = c.d_model // c.n_heads
+    kv = (c.n_kv_heads or c.n_heads) * head
+    per_layer = 2 * c.d_model * c.d_model + 2 * c.d_model * kv + 3 * c.d_model * c.d_ff + 2 * c.d_model
+    embeddings = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+    return embeddings + c.n_layers * per_layer + c.d_model
+
+
+def test_logits_shape_and_dtype():
+    tokens = jnp.zeros((3, 10), jnp.int32)
+    logits = make()(tokens)
+    assert logits.shape == (3, 10, TINY.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_changing_token_t_never_changes_logits_before_t():
+    model = make()
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+    base = model(tokens)
+    for t in (0, 5, 15):
+        changed = tokens.at[:, t].set((tokens[:, t] + 7) % TINY.vocab_size)
+        out = model(changed)
+        np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
+        assert not np.allclose(out[:, t:], base[:, t:])
+
+
+def test_xgen_7b_parameter_count_matches_closed_form(make_config):
+    cfg = make_config("model=xgen_7b").model
+    n = count_params(cfg)
+    assert n == closed_form_params(cfg)
+    assert n == 6_895_702_016  # LLaMA-7B's 6,738,415,616 plus 2 x 19,200 extra vocabulary rows x 4,096
+
+
+def test_small_model_is_about_78m_parameters(make_config):
+    cfg = make_config("model=small").model
+    n = count_params(cfg)
+    assert n == closed_form_params(cfg) and 77e6 < n < 79e6
+
+
+def test_grouped_query_and_tied_variants_count_and_run():
+    for cfg in (dataclasses.replace(TINY, n_kv_heads=2), dataclasses.replace(TINY, tie_embeddings=True)):
+        assert count_params(cfg) == closed_form_params(cfg)
+        assert make(cfg)(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, TINY.vocab_size)
+
+
+def test_every_parameter_has_logical_axis_names_of_its_rank():
+    state = nnx.state(make(), nnx.Param)
+    known = {"embed", "vocab", "mlp", "heads", "kv_heads"}
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        names = var.get_metadata()["out_sharding"]
+        assert len(names) == var[...].ndim, path
+        assert set(names) <= known, path
+
+
+def test_parameters_stay_float32_with_bfloat16_compute():
+    model = XGenModel(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    logits = model(jnp.zeros((1, 4), jnp.int32))
+    assert logits.dtype == jnp.float32
+    ref = make()(jnp.zeros((1, 4), jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=2e-2)
+
+
+def test_rope_is_rotate_half_and_depends_only_on_relative_position():
+    head_dim = 8
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, head_dim))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, head_dim))
+
+    def score(pq: int, pk: int) -> float:
+        cq, sq = rope_angles(jnp.array([[pq]]), head_dim, 10000.0)
+        ck, sk = rope_angles(jnp.array([[pk]]), head_dim, 10000.0)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+    # Rotate-half layout: dimension i pairs with i + head_dim/2 (not with i+1 as in GPT-J).
+    cos, sin = rope_angles(jnp.array([[1]]), head_dim, 10000.0)
+    x = jnp.zeros((1, 1, 1, head_dim)).at[..., 0].set(1.0)
+    y = apply_rope(x, cos, sin)
+    y = np.asarray(y).reshape(head_dim)
+    assert y[0] == pytest.approx(np.cos(1.0), rel=1e-6)
+    assert y[head_dim // 2] == pytest.approx(np.sin(1.0), rel=1e-6)
+    assert y[1] == 0.0
