@@ -22,3 +22,17 @@ def compose_config(*overrides: str) -> XGenConfig:
 @pytest.fixture
 def make_config():
     return compose_config
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """`data_dir` holding the synthetic raw corpus and its prepared shards (done once)."""
+    from xgen.data.prepare import prepare_mix
+    from xgen.data.synthetic import write_corpus
+    from xgen.tokenizer import Tokenizer
+
+    data_dir = tmp_path_factory.mktemp("data")
+    write_corpus(data_dir / "synthetic" / "raw")
+    cfg = compose_config("data_mix=synthetic_stage2", f"data_dir={data_dir}", "prepare.workers=0")
+    prepare_mix(cfg.data_mix, Tokenizer.xgen(), cfg.prepare)
+    return data_dir

@@ -98,3 +98,15 @@ def test_rope_is_rotate_half_and_depends_only_on_relative_position():
     assert y[0] == pytest.approx(np.cos(1.0), rel=1e-6)
     assert y[head_dim // 2] == pytest.approx(np.sin(1.0), rel=1e-6)
     assert y[1] == 0.0
+
+
+def test_segment_ids_keep_attention_inside_each_document():
+    model = make()
+    a = jax.random.randint(jax.random.key(5), (5,), 0, TINY.vocab_size)
+    b = jax.random.randint(jax.random.key(6), (7,), 0, TINY.vocab_size)
+    packed = jnp.concatenate([a, b])[None]
+    positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
+    segments = jnp.array([1] * 5 + [2] * 7)[None]
+    out = model(packed, positions, segments)
+    np.testing.assert_allclose(np.asarray(out[0, :5]), np.asarray(model(a[None])[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[0, 5:]), np.asarray(model(b[None])[0]), atol=1e-5)

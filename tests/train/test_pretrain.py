@@ -70,3 +70,10 @@ def test_tensorboard_event_files_are_written_when_asked(tmp_path):
     pytest.importorskip("tensorboardX")
     run_task(compose_config("trainer.steps=2", "trainer.tensorboard=true", *FAST), tmp_path)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_training_with_document_masking_logs_epochs(tmp_path):
+    run_task(compose_config("trainer.steps=2", "data_mix.document_masking=true", *FAST), tmp_path)
+    records = read_metrics(tmp_path)
+    assert records[-1]["step"] == 2
+    assert set(records[-1]["data_epochs"]) == {"python_docs", "python_stdlib"}

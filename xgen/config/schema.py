@@ -47,6 +47,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class RawInputConfig:
+    """Where `task=prepare` reads a source's raw documents (home: `xgen.data.readers`)."""
+
+    # Files or glob patterns; local paths or any fsspec URL (gs://... with gcsfs installed).
+    paths: list[str] = field(default_factory=list)
+    # jsonl | parquet | text; None infers it from each file name (.jsonl[.gz|.zst], .parquet, else text).
+    format: Optional[str] = None
+    text_field: str = "text"
+    # Metadata kept per document (e.g. language, license, repository, source).
+    meta_fields: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SourceConfig:
     """One corpus of a mixture (home: `xgen.data`)."""
 
@@ -55,10 +68,15 @@ class SourceConfig:
     kind: str = MISSING
     weight: float = MISSING
     path: Optional[str] = None
+    # For `prepared` sources: the raw files that `task=prepare` tokenizes into `path`.
+    raw: Optional[RawInputConfig] = None
     # Keep at most this many documents (chosen by the data seed); None keeps all.
     max_documents: Optional[int] = None
-    # Only for StarCoder-style sources: licenses allowed (empty allows every license).
+    # Licenses allowed (metadata field `license`); empty allows every document.
     licenses: list[str] = field(default_factory=list)
+    # Split the source by this metadata field and weight each part by its share of the
+    # source's tokens in the manifest (StarCoder's per-language weights).
+    weight_by: Optional[str] = None
 
 
 @dataclass
@@ -70,6 +88,13 @@ class DataMixConfig:
     # Documents with fewer tokens are dropped (the report's rule).
     min_doc_tokens: int = 100
     seed: int = 0
+    # Stage name -> token budget: the data is shuffled once, then split into disjoint chunks
+    # in these proportions, one per sub-stage (the report's 2K/4K/8K split). A stage not
+    # named here reads all of the data.
+    stage_split: dict[str, float] = field(default_factory=dict)
+    # Attention never crosses a document boundary (segment ids and positions per document).
+    # Off by default, as the report: documents are concatenated and attend across EOT.
+    document_masking: bool = False
 
 
 @dataclass
@@ -163,6 +188,31 @@ class TrainerConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """How batches are read (home: `xgen.data.loader`): grain's read threads and prefetch."""
+
+    # Threads that build batches ahead of the train step (grain's ReadOptions.num_threads).
+    read_threads: int = 2
+    # Batches built ahead; each holds batch_tokens tokens (grain's prefetch_buffer_size).
+    prefetch_batches: int = 4
+
+
+@dataclass
+class PrepareConfig:
+    """`task=prepare`: tokenizing raw sources into shards (home: `xgen.data.prepare`)."""
+
+    # Tokenizer worker processes.
+    workers: int = 2
+    # Documents sent to a worker at a time.
+    batch_documents: int = 256
+    # A new shard starts after this many tokens.
+    shard_tokens: int = 50_000_000
+    # Metadata fields whose per-value token counts go into the manifest (for `weight_by`);
+    # keep to low-cardinality fields.
+    count_tokens_by: list[str] = field(default_factory=lambda: ["language", "license", "source"])
+
+
+@dataclass
 class XGenConfig:
     """The whole run: one field per `conf/` group plus run-wide settings."""
 
@@ -174,4 +224,8 @@ class XGenConfig:
     optimizer: OptimizerConfig = MISSING
     hardware: HardwareConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    # Root of prepared and raw data; data_mix paths interpolate it.
+    data_dir: str = "data"
     seed: int = 0

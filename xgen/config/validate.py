@@ -29,6 +29,9 @@ def validate(cfg: XGenConfig) -> None:
     ]
     for name, src in cfg.data_mix.sources.items():
         checks.append((src.weight > 0, f"data_mix.sources.{name}.weight={src.weight} must be positive"))
+        checks.append((src.kind != "prepared" or bool(src.path), f"data_mix.sources.{name}: kind 'prepared' needs a path"))
+    checks.append((cfg.loader.read_threads > 0, f"loader.read_threads={cfg.loader.read_threads} must be positive"))
+    checks.append((cfg.prepare.workers >= 0, f"prepare.workers={cfg.prepare.workers} must be 0 (in-process) or more"))
     vocab_needed = n_tokens_of(cfg.tokenizer.name)
     checks.append(
         (

@@ -1,6 +1,5 @@
-"""Data: sources, packing into sequences, and the grain loader."""
+"""Data: raw readers, `prepare` into shards, document stores, packing, mixtures, the grain loader."""
 
-from xgen.data.loader import build_dataset
-from xgen.data.packing import PackStats, pack_documents
+from xgen.data.loader import DataPipeline, build_dataset, build_pipeline
 
-__all__ = ["PackStats", "build_dataset", "pack_documents"]
+__all__ = ["DataPipeline", "build_dataset", "build_pipeline"]

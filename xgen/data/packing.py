@@ -1,45 +1,73 @@
-"""Documents -> fixed-length training windows, as the report builds sequences.
+"""Documents -> fixed-length windows, as the report builds sequences, with random access.
 
-Documents are concatenated with one `<|endoftext|>` after each, then cut into windows of
-`seq_len + 1` tokens with stride `seq_len`: inputs are the first `seq_len` tokens, targets
-the last `seq_len`, so every token of the stream is a target exactly once. A document
-longer than a sequence continues into the next one.
+Documents (in a given order) are concatenated with one `<|endoftext|>` after each and cut
+into windows of `seq_len + 1` tokens with stride `seq_len`: inputs are the first
+`seq_len`, targets the last `seq_len`, so every token of the stream is a target once. A
+document longer than a sequence continues into the next. Window i is computed from the
+documents' cumulative offsets, so any window can be read without building the stream.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class PackStats:
-    documents: int
-    dropped_short: int
-    tokens: int
-    windows: int
-    tail_tokens_dropped: int
+from xgen.data.store import DocumentStore
 
 
-def pack_documents(
-    docs: list[list[int]], *, seq_len: int, eot_id: int, min_doc_tokens: int
-) -> tuple[np.ndarray, PackStats]:
-    """[n_windows, seq_len + 1] int32 windows and the counts of what was kept and dropped."""
-    kept = [d for d in docs if len(d) >= min_doc_tokens]
-    pieces = []
-    for doc in kept:
-        pieces.append(np.asarray(doc, np.int32))
-        pieces.append(np.asarray([eot_id], np.int32))
-    stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
-    n_windows = max((len(stream) - 1) // seq_len, 0)
-    starts = np.arange(n_windows)[:, None] * seq_len
-    windows = stream[starts + np.arange(seq_len + 1)[None, :]] if n_windows else np.zeros((0, seq_len + 1), np.int32)
-    stats = PackStats(
-        documents=len(kept),
-        dropped_short=len(docs) - len(kept),
-        tokens=int(len(stream)),
-        windows=n_windows,
-        tail_tokens_dropped=int(len(stream) - n_windows * seq_len - (1 if n_windows else 0)),
-    )
-    return windows, stats
+class PackedWindows:
+    """A grain random-access data source of packed windows over `docs` of `store`.
+
+    Each element is a dict of [seq_len + 1] arrays: `tokens`, and `segment_ids` (1 + the
+    document's position in `docs`, for document masking) and `positions` (the token's
+    index within its document, restarting after each end-of-text).
+    """
+
+    def __init__(self, store: DocumentStore, docs: np.ndarray, *, seq_len: int, eot_id: int):
+        self.store, self.docs, self.seq_len, self.eot_id = store, np.asarray(docs), seq_len, eot_id
+        sizes = store.lengths[self.docs] + 1  # + end-of-text
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.total_tokens = int(self.offsets[-1])
+        self._len = max((self.total_tokens - 1) // seq_len, 0)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        lo, hi = i * self.seq_len, i * self.seq_len + self.seq_len + 1
+        first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, hi - 1, side="right")) - 1
+        tokens, segments, positions = [], [], []
+        for k in range(first, last + 1):
+            doc = np.concatenate([self.store.tokens(self.docs[k]), [self.eot_id]]).astype(np.int32)
+            start = max(lo - self.offsets[k], 0)
+            stop = min(hi - self.offsets[k], len(doc))
+            tokens.append(doc[start:stop])
+            segments.append(np.full(stop - start, k + 1, np.int32))
+            positions.append(np.arange(start, stop, dtype=np.int32))
+        return {
+            "tokens": np.concatenate(tokens),
+            "segment_ids": np.concatenate(segments),
+            "positions": np.concatenate(positions),
+        }
+
+    def __repr__(self) -> str:  # grain logs data sources by repr
+        return f"PackedWindows(docs={len(self.docs)}, seq_len={self.seq_len}, windows={self._len})"
+
+
+def to_model_batch(windows: dict[str, np.ndarray], document_masking: bool) -> dict[str, np.ndarray]:
+    """[batch, seq_len + 1] windows -> next-token `inputs` and `targets` of [batch, seq_len].
+
+    With document masking the batch also carries `segment_ids` and `positions` for the
+    attention mask and rotary positions, and `loss_mask` drops the targets that lie in the
+    next document (predicting a document's first token from the previous one's end).
+    """
+    tokens = windows["tokens"]
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if document_masking:
+        seg = windows["segment_ids"]
+        batch["segment_ids"] = seg[:, :-1]
+        batch["positions"] = windows["positions"][:, :-1]
+        batch["loss_mask"] = (seg[:, :-1] == seg[:, 1:]).astype(np.int32)
+    return batch

@@ -1,8 +1,9 @@
-"""Raw documents of a mixture's sources.
+"""A mixture's sources as document stores.
 
 The built-in corpora exist on every machine with Python, so the default run needs no
 download: `python_docs` is the interpreter's documentation (`pydoc_data.topics`, English
-prose) and `python_stdlib` its standard library's `.py` files (code).
+prose) and `python_stdlib` its standard library's `.py` files (code). `prepared` sources
+are directories written by `task=prepare`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from xgen.config import ConfigError, SourceConfig
+from xgen.data.store import DocumentStore, InMemoryStore, ShardStore
+from xgen.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,16 @@ def python_stdlib(max_documents: int | None, seed: int) -> list[str]:
     return texts
 
 
-def load_documents(name: str, src: SourceConfig, seed: int) -> list[str]:
-    """The documents of one source, in a deterministic order."""
-    if src.kind == "python_docs":
-        docs = python_docs()
-        if src.max_documents is not None:
-            docs = docs[: src.max_documents]
-        return docs
-    if src.kind == "python_stdlib":
-        return python_stdlib(src.max_documents, seed)
+def open_store(name: str, src: SourceConfig, tokenizer: Tokenizer, seed: int) -> DocumentStore:
+    """The documents of one source."""
     if src.kind == "prepared":
-        raise ConfigError(
-            f"data_mix.sources.{name}: kind 'prepared' reads shards written by task=prepare, "
-            "which this version of xgen does not have yet; use data_mix=demo"
-        )
-    raise ConfigError(f"data_mix.sources.{name}.kind={src.kind!r} is not one of python_docs, python_stdlib, prepared")
+        if not src.path:
+            raise ConfigError(f"data_mix.sources.{name}: kind 'prepared' needs a path")
+        return ShardStore(src.path, tokenizer)
+    if src.kind == "python_docs":
+        texts = python_docs()[: src.max_documents]
+    elif src.kind == "python_stdlib":
+        texts = python_stdlib(src.max_documents, seed)
+    else:
+        raise ConfigError(f"data_mix.sources.{name}.kind={src.kind!r} is not one of python_docs, python_stdlib, prepared")
+    return InMemoryStore(tokenizer.encode_ordinary_batch(texts))

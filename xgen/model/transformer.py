@@ -33,7 +33,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.d_model, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -42,7 +42,7 @@ class Attention(nnx.Module):
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         out = jax.nn.dot_product_attention(
-            q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype), is_causal=True
+            q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype), mask=mask, is_causal=True
         )
         out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
@@ -73,8 +73,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
         self.constrain = constrain
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), positions)
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.input_norm(x), positions, mask)
         x = x + self.mlp(self.post_attn_norm(x))
         return self.constrain(x, ("batch", "length", "embed"))
 
@@ -102,13 +102,18 @@ class XGenModel(nnx.Module):
         )
         self.dtype = dtype
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """`segment_ids` (document-masked packing) keep attention inside each document;
+        `positions` then restart at 0 in each document."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         x = self.constrain(x, ("batch", "length", "embed"))
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, mask)
         x = self.norm(x)
         if self.lm_head is None:
             w = self.embed_tokens[...].T

@@ -11,6 +11,7 @@ from xgen.config import ConfigError, XGenConfig
 # task.name -> module with `run(cfg: XGenConfig, run_dir: Path)`.
 TASKS = {
     "pretrain": "xgen.tasks.pretrain",
+    "prepare": "xgen.tasks.prepare",
 }
 
 

@@ -8,9 +8,18 @@ from xgen.config import XGenConfig
 
 
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
-    from xgen.data import build_dataset
+    import jax
+
+    from xgen.data import build_pipeline
     from xgen.tokenizer import Tokenizer
     from xgen.train.trainer import Trainer
 
-    dataset = build_dataset(cfg.data_mix, cfg.stage, Tokenizer.from_name(cfg.tokenizer.name))
-    return Trainer(cfg, run_dir).fit(dataset)
+    pipeline = build_pipeline(
+        cfg.data_mix,
+        cfg.stage,
+        Tokenizer.from_name(cfg.tokenizer.name),
+        loader=cfg.loader,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return Trainer(cfg, run_dir).fit(pipeline)

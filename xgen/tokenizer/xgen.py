@@ -97,6 +97,32 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
 
+    @property
+    def identity(self) -> str:
+        """A hash of the ranks, split pattern and specials, written into data manifests so that
+        shards tokenized by another tokenizer are refused."""
+        return encoding_identity(self.encoding)
+
+
+@cache
+def encoding_identity(encoding: tiktoken.Encoding) -> str:
+    h = hashlib.sha256(encoding._pat_str.encode())
+    for token, rank in sorted(encoding._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        h.update(rank.to_bytes(4, "little") + token)
+    for token, rank in sorted(encoding._special_tokens.items()):
+        h.update(rank.to_bytes(4, "little") + token.encode())
+    return f"{encoding.name}-{h.hexdigest()[:16]}"
+
+
+def encode_to_arrays(texts: Sequence[str], name: str = "xgen") -> list["np.ndarray"]:
+    """Worker-process entry point of `task=prepare`: ordinary encoding to compact arrays
+    (uint16 while the vocabulary fits, as XGen's does). Top-level so that it pickles."""
+    import numpy as np
+
+    tok = Tokenizer.from_name(name)
+    dtype = np.uint16 if tok.n_tokens <= 2**16 else np.uint32
+    return [np.asarray(ids, dtype) for ids in tok.encoding.encode_ordinary_batch(list(texts), num_threads=1)]
+
 
 def n_tokens_of(name: str) -> int:
     """Token count of a named tokenizer without building it (config validation)."""

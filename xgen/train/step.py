@@ -30,7 +30,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"])
+    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
     return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
 
 

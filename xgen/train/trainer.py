@@ -16,13 +16,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from xgen.config import ConfigError, XGenConfig
 from xgen.config.validate import mesh_shape
+from xgen.data import DataPipeline
 from xgen.model import XGenModel, count_params
 from xgen.parallel import activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
 from xgen.train import checkpoint
@@ -79,11 +79,9 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
         )
         self._init = jax.jit(init, out_shardings=self.state_sharding)
-        tokens_sharding = logical_sharding(self.mesh, rules, ("batch", "length"))
-        self.batch_sharding = {"inputs": tokens_sharding, "targets": tokens_sharding}
+        self.tokens_sharding = logical_sharding(self.mesh, rules, ("batch", "length"))
         self._step = jax.jit(
             partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule),
-            in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, None),
             donate_argnums=0,
         )
@@ -99,15 +97,17 @@ class Trainer:
             cfg.stage.seq_len,
         )
 
-    def fit(self, dataset: grain.MapDataset) -> dict:
-        """Train to `self.steps`, resuming from the newest checkpoint; returns the run summary."""
+    def fit(self, data: DataPipeline) -> dict:
+        """Train to `self.steps` on `data` (element i: this host's batch of step i + 1),
+        resuming from the newest checkpoint; returns the run summary."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        compiled = self._step.lower(self.abstract_state, self._abstract_batch()).compile()
+        abstract_batch = self._abstract_batch(data.dataset[0])
+        compiled = self._step.lower(self.abstract_state, abstract_batch).compile()
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
         mngr = checkpoint.open_manager(self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep)
-        batches = iter(dataset.to_iter_dataset())
+        batches = data.iterator()
         restored = checkpoint.restore_latest(mngr, self.abstract_state)
         if restored is None:
             state = self._init(jax.random.key(cfg.seed))
@@ -121,7 +121,7 @@ class Trainer:
         acc, last, window_start, window_t0 = None, None, start, time.perf_counter()
         train_t0 = window_t0
         for step in range(start + 1, self.steps + 1):
-            batch = jax.device_put(next(batches), self.batch_sharding)
+            batch = self._global_batch(next(batches))
             state, out = compiled(state, batch)
             m = TrainMetrics.single_from_model_output(**out)
             acc = m if acc is None else acc.merge(m)
@@ -135,6 +135,7 @@ class Trainer:
                     "tokens_seen": step * cfg.stage.batch_tokens,
                     "tokens_per_s": tokens / (now - window_t0),
                     "elapsed_s": now - train_t0,
+                    "data_epochs": data.epochs(step),
                 }
                 metrics_log.write(last)
                 eta = (now - train_t0) / (step - start) * (self.steps - step)
@@ -181,6 +182,15 @@ class Trainer:
                 "or use a smaller model"
             )
 
-    def _abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    def _abstract_batch(self, local: dict) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch's shapes: hosts' local batches stack along the batch axis."""
         shape = (self.batch_size, self.cfg.stage.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in self.batch_sharding.items()}
+        for key, value in local.items():
+            if value.shape[1:] != shape[1:] or value.shape[0] * jax.process_count() != shape[0]:
+                raise ValueError(f"data batch {key!r} has shape {value.shape}, expected {shape} over all hosts")
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.tokens_sharding) for k in local}
+
+    def _global_batch(self, local: dict) -> dict[str, jax.Array]:
+        return {
+            k: jax.make_array_from_process_local_data(self.tokens_sharding, v.astype("int32")) for k, v in local.items()
+        }

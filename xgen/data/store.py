@@ -1,0 +1,74 @@
+"""Documents addressed by id: the interface packing reads, for in-memory and prepared data.
+
+A store knows every document's token count and metadata without reading its tokens, so
+filtering, weighting and splitting are array operations; tokens are read only for the
+documents a batch needs (ArrayRecord gives random access, one record per document).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+from xgen.config import ConfigError
+from xgen.data.prepare import MANIFEST, check_tokenizer
+from xgen.tokenizer import Tokenizer
+
+
+class DocumentStore:
+    """`lengths[i]` tokens and `meta[field][i]` metadata of document i; `tokens(i)` reads it."""
+
+    lengths: np.ndarray
+    meta: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self, doc: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class InMemoryStore(DocumentStore):
+    """Token arrays held in memory (the built-in corpora)."""
+
+    def __init__(self, docs: list[list[int]]):
+        self._docs = [np.asarray(d, np.int32) for d in docs]
+        self.lengths = np.asarray([len(d) for d in self._docs], np.int64)
+        self.meta = {}
+
+    def tokens(self, doc: int) -> np.ndarray:
+        return self._docs[doc]
+
+
+class ShardStore(DocumentStore):
+    """A source prepared by `task=prepare`: its manifest, shard indexes and ArrayRecord files."""
+
+    def __init__(self, path: str | Path, tokenizer: Tokenizer):
+        root = Path(path)
+        manifest_path = root / MANIFEST
+        if not manifest_path.exists():
+            raise ConfigError(f"{manifest_path} does not exist: run task=prepare for this data_mix first")
+        self.manifest = json.loads(manifest_path.read_text())
+        check_tokenizer(self.manifest, tokenizer, root)
+        names = [s for _, entry in sorted(self.manifest["files"].items()) for s in entry["shards"]]
+        if not names:
+            raise ConfigError(f"{root}: the manifest lists no shards")
+        indexes = [np.load(root / "shards" / f"{n}.index.npz") for n in names]
+        self.lengths = np.concatenate([ix["lengths"] for ix in indexes])
+        self.meta = {
+            f: np.concatenate([ix[f"meta_{f}"] for ix in indexes]) for f in self.manifest["meta_fields"]
+        }
+        self._dtype = np.dtype(self.manifest["token_dtype"])
+        self._source = ArrayRecordDataSource([str(root / "shards" / f"{n}.array_record") for n in names])
+        if len(self._source) != len(self.lengths):
+            raise ConfigError(f"{root}: shards hold {len(self._source)} documents, indexes {len(self.lengths)}")
+
+    def tokens(self, doc: int) -> np.ndarray:
+        return np.frombuffer(self._source[int(doc)], self._dtype).astype(np.int32)
+
+    def tokens_by(self, field: str) -> dict[str, int] | None:
+        """Tokens per value of a metadata field, as counted by `prepare` (before any filter)."""
+        return self.manifest["totals"]["tokens_by"].get(field)
