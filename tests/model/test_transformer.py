@@ -110,3 +110,32 @@ def test_segment_ids_keep_attention_inside_each_document():
     out = model(packed, positions, segments)
     np.testing.assert_allclose(np.asarray(out[0, :5]), np.asarray(model(a[None])[0]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out[0, 5:]), np.asarray(model(b[None])[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_remat_policies_give_the_same_loss_and_gradients(policy):
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, TINY.vocab_size)
+
+    def loss_and_grads(cfg):
+        graphdef, params = nnx.split(make(cfg))
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss)(params)
+
+    (l0, g0), (l1, g1) = loss_and_grads(TINY), loss_and_grads(dataclasses.replace(TINY, remat=policy))
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_chunked_attention_matches_dense_with_and_without_segments(kv_heads):
+    dense = dataclasses.replace(TINY, n_kv_heads=kv_heads)
+    chunked = dataclasses.replace(dense, attention="chunked", attention_chunk=4)
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
+    segments = jnp.array([[1] * 6 + [2] * 10, [1] * 16])
+    positions = jnp.array([list(range(6)) + list(range(10)), list(range(16))])
+    a, b = make(dense), make(chunked)
+    np.testing.assert_allclose(np.asarray(a(tokens)), np.asarray(b(tokens)), atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(a(tokens, positions, segments)), np.asarray(b(tokens, positions, segments)), atol=2e-5
+    )

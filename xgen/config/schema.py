@@ -37,6 +37,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Rematerialization of each block in the backward pass (memory for compute):
+    # none | full (keep only block inputs) | save_dots (keep matmul outputs without batch dims).
+    remat: str = "none"
+    # Attention kernel: xla (dense jax.nn.dot_product_attention) | chunked (blocks of
+    # `attention_chunk` queries, recomputed in the backward pass: for long sequences on CPU).
+    attention: str = "xla"
+    attention_chunk: int = 1024
 
 
 @dataclass

@@ -21,6 +21,8 @@ def validate(cfg: XGenConfig) -> None:
         (s.seq_len <= m.max_positions, f"stage.seq_len={s.seq_len} exceeds model.max_positions={m.max_positions}"),
         (s.batch_tokens % s.seq_len == 0, f"stage.batch_tokens={s.batch_tokens} is not a multiple of stage.seq_len={s.seq_len}"),
         (s.batch_tokens >= s.seq_len, f"stage.batch_tokens={s.batch_tokens} is less than one sequence of {s.seq_len}"),
+        (m.remat in ("none", "full", "save_dots"), f"model.remat={m.remat!r} is not one of none, full, save_dots"),
+        (m.attention in ("xla", "chunked"), f"model.attention={m.attention!r} is not one of xla, chunked"),
         (hw.compute_dtype in _DTYPES, f"hardware.compute_dtype={hw.compute_dtype!r} is not one of {_DTYPES}"),
         (t.log_every > 0, f"trainer.log_every={t.log_every} must be positive"),
         (t.steps is None or t.steps > 0, f"trainer.steps={t.steps} must be positive"),

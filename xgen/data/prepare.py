@@ -26,9 +26,10 @@ import multiprocessing
 import os
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import numpy as np
@@ -49,7 +50,10 @@ def expand_paths(patterns: list[str]) -> list[str]:
     files: set[str] = set()
     for pattern in patterns:
         if "://" in pattern:
-            fs, _, paths = fsspec.get_fs_token_paths(pattern)
+            try:
+                fs, _, paths = fsspec.get_fs_token_paths(pattern)
+            except (ImportError, ValueError) as ex:  # e.g. gs:// without gcsfs installed
+                raise ConfigError(f"raw input {pattern}: {ex}")
             files.update(fs.unstrip_protocol(p) for p in paths)
         else:
             files.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
@@ -169,10 +173,35 @@ def _encoded(batches: Iterator[list], pool, max_in_flight: int) -> Iterator[tupl
         yield (result.get() if pool else result), metas
 
 
+@contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """Tokenizer processes (spawned: safe even when the caller has started JAX's threads);
+    None runs in-process."""
+    if workers <= 0:
+        yield None
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
+
+
 def prepare_source(
-    name: str, out_dir: Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
+    name: str,
+    out_dir: Path,
+    spec: RawInputConfig,
+    tokenizer: Tokenizer,
+    min_doc_tokens: int,
+    opts: PrepareConfig,
+    pool: Any = None,
 ) -> dict:
-    """Tokenize every not-yet-done file of one source; returns the manifest's totals."""
+    """Tokenize every not-yet-done file of one source; returns the manifest's totals.
+    `pool` (from `worker_pool`) is shared across sources; without one, one is started here."""
+    if pool is None and opts.workers > 0:
+        with worker_pool(opts.workers) as own:
+            return prepare_source(name, out_dir, spec, tokenizer, min_doc_tokens, opts, own)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
@@ -190,44 +219,37 @@ def prepare_source(
         raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file")
     todo = [f for f in files if f not in manifest["files"]]
     log.info("prepare %s: %d files, %d already done, %d to do", name, len(files), len(files) - len(todo), len(todo))
-    ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(opts.workers) if opts.workers > 0 else None
-    try:
-        for path in todo:
-            t0 = time.perf_counter()
-            counts: Counter = Counter()
-            stem = hashlib.sha1(path.encode()).hexdigest()[:12]
-            writer = _ShardWriter(shard_dir, stem, opts.shard_tokens, list(spec.meta_fields))
-            tokens_by: dict[str, Counter] = {f: Counter() for f in manifest["count_tokens_by"]}
-            documents = tokens = 0
-            batches = _batched(read_documents(path, spec, counts), opts.batch_documents)
-            for arrays, metas in _encoded(batches, pool, max_in_flight=2 * max(opts.workers, 1)):
-                for ids, meta in zip(arrays, metas):
-                    if len(ids) < min_doc_tokens:
-                        counts["dropped_short"] += 1
-                        continue
-                    writer.write(ids, meta)
-                    documents += 1
-                    tokens += len(ids)
-                    for f, by_value in tokens_by.items():
-                        by_value[meta.get(f, "")] += len(ids)
-            manifest["files"][path] = {
-                "shards": writer.commit(),
-                "documents": documents,
-                "tokens": tokens,
-                "counts": dict(counts),
-                "tokens_by": {f: dict(c) for f, c in tokens_by.items()},
-            }
-            manifest["totals"] = summarize(manifest)
-            _write_json_atomically(manifest_path, manifest)
-            log.info(
-                "prepare %s: %s: %d documents, %d tokens in %.1f s; %s",
-                name, path, documents, tokens, time.perf_counter() - t0, dict(counts),
-            )  # fmt: skip
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    for path in todo:
+        t0 = time.perf_counter()
+        counts: Counter = Counter()
+        stem = hashlib.sha1(path.encode()).hexdigest()[:12]
+        writer = _ShardWriter(shard_dir, stem, opts.shard_tokens, list(spec.meta_fields))
+        tokens_by: dict[str, Counter] = {f: Counter() for f in manifest["count_tokens_by"]}
+        documents = tokens = 0
+        batches = _batched(read_documents(path, spec, counts), opts.batch_documents)
+        for arrays, metas in _encoded(batches, pool, max_in_flight=2 * max(opts.workers, 1)):
+            for ids, meta in zip(arrays, metas):
+                if len(ids) < min_doc_tokens:
+                    counts["dropped_short"] += 1
+                    continue
+                writer.write(ids, meta)
+                documents += 1
+                tokens += len(ids)
+                for f, by_value in tokens_by.items():
+                    by_value[meta.get(f, "")] += len(ids)
+        manifest["files"][path] = {
+            "shards": writer.commit(),
+            "documents": documents,
+            "tokens": tokens,
+            "counts": dict(counts),
+            "tokens_by": {f: dict(c) for f, c in tokens_by.items()},
+        }
+        manifest["totals"] = summarize(manifest)
+        _write_json_atomically(manifest_path, manifest)
+        log.info(
+            "prepare %s: %s: %d documents, %d tokens in %.1f s; %s",
+            name, path, documents, tokens, time.perf_counter() - t0, dict(counts),
+        )  # fmt: skip
     manifest["totals"] = summarize(manifest)
     _write_json_atomically(manifest_path, manifest)
     return manifest["totals"]
@@ -250,7 +272,8 @@ def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -
     todo = {name: src for name, src in mix.sources.items() if src.kind == "prepared" and src.raw is not None}
     if not todo:
         raise ConfigError(f"data_mix={mix.name} has no source with kind=prepared and raw inputs to prepare")
-    return {
-        name: prepare_source(name, Path(src.path), src.raw, tokenizer, mix.min_doc_tokens, opts)
-        for name, src in todo.items()
-    }
+    with worker_pool(opts.workers) as pool:
+        return {
+            name: prepare_source(name, Path(src.path), src.raw, tokenizer, mix.min_doc_tokens, opts, pool)
+            for name, src in todo.items()
+        }

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xgen.config import ModelConfig
+from xgen.model.attention import causal_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, apply_rope, logical_param, no_constraint, rope_angles
 
 
@@ -25,6 +26,7 @@ class Attention(nnx.Module):
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.theta = cfg.rope_theta
+        self.kernel, self.chunk = cfg.attention, cfg.attention_chunk
         self.dtype = dtype
         self.constrain = constrain
         kw = dict(std=cfg.init_std, dtype=dtype, rngs=rngs)
@@ -33,7 +35,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.d_model, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -41,8 +43,13 @@ class Attention(nnx.Module):
         cos, sin = rope_angles(positions, self.head_dim, self.theta)
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        out = jax.nn.dot_product_attention(
-            q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype), mask=mask, is_causal=True
+        out = causal_attention(
+            q.astype(self.dtype),
+            k.astype(self.dtype),
+            v.astype(self.dtype),
+            segment_ids=segment_ids,
+            kernel=self.kernel,
+            chunk=self.chunk,
         )
         out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
@@ -73,10 +80,21 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
         self.constrain = constrain
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), positions, mask)
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.input_norm(x), positions, segment_ids)
         x = x + self.mlp(self.post_attn_norm(x))
         return self.constrain(x, ("batch", "length", "embed"))
+
+
+# Named rematerialization policies (MaxText style): what a block keeps for the backward pass.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    return block(x, positions, segment_ids)
 
 
 class XGenModel(nnx.Module):
@@ -101,6 +119,11 @@ class XGenModel(nnx.Module):
             else Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, rngs=rngs)
         )
         self.dtype = dtype
+        if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={cfg.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+        self.run_block = (
+            _run_block if cfg.remat == "none" else nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])
+        )
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
@@ -109,11 +132,10 @@ class XGenModel(nnx.Module):
         `positions` then restart at 0 in each document."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         x = self.constrain(x, ("batch", "length", "embed"))
         for layer in self.layers:
-            x = layer(x, positions, mask)
+            x = self.run_block(layer, x, positions, segment_ids)
         x = self.norm(x)
         if self.lm_head is None:
             w = self.embed_tokens[...].T

@@ -178,8 +178,8 @@ class Trainer:
         if needed > available:
             raise ConfigError(
                 f"the train step needs {needed / 2**30:.1f} GiB per device but hardware={hw.name} has "
-                f"{available / 2**30:.1f} GiB: lower stage.batch_tokens (now {self.cfg.stage.batch_tokens}) "
-                "or use a smaller model"
+                f"{available / 2**30:.1f} GiB: lower stage.batch_tokens (now {self.cfg.stage.batch_tokens}), "
+                "set model.attention=chunked for long sequences, or use a smaller model"
             )
 
     def _abstract_batch(self, local: dict) -> dict[str, jax.ShapeDtypeStruct]:
