@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# 8 virtual CPU devices for the sharding tests, set before anything starts JAX; runs on
+# `hardware=cpu` still use one device (the mesh takes the first hardware.num_devices).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -134,6 +134,8 @@ class OptimizerConfig:
     decay_steps: Optional[int] = None
     # The learning rate decays to this fraction of the peak.
     min_lr_ratio: float = 0.1
+    # dtype of Adam's first moment (bfloat16 halves its memory); the second stays float32.
+    mu_dtype: str = "float32"
 
 
 # Logical axis -> mesh axes (MaxText style). A mesh axis is used at most once per array:
@@ -191,6 +193,9 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_to_keep: int = 3
+    # Micro-batches per optimizer step: the stage's batch is split and gradients summed,
+    # for batches that do not fit in memory at once.
+    grad_accum_steps: int = 1
     tensorboard: bool = False
 
 

@@ -24,6 +24,8 @@ def validate(cfg: XGenConfig) -> None:
         (m.remat in ("none", "full", "save_dots"), f"model.remat={m.remat!r} is not one of none, full, save_dots"),
         (m.attention in ("xla", "chunked"), f"model.attention={m.attention!r} is not one of xla, chunked"),
         (hw.compute_dtype in _DTYPES, f"hardware.compute_dtype={hw.compute_dtype!r} is not one of {_DTYPES}"),
+        (t.grad_accum_steps > 0, f"trainer.grad_accum_steps={t.grad_accum_steps} must be positive"),
+        (cfg.optimizer.mu_dtype in _DTYPES, f"optimizer.mu_dtype={cfg.optimizer.mu_dtype!r} is not one of {_DTYPES}"),
         (t.log_every > 0, f"trainer.log_every={t.log_every} must be positive"),
         (t.steps is None or t.steps > 0, f"trainer.steps={t.steps} must be positive"),
         (cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be positive"),

@@ -26,6 +26,7 @@ class TrainMetrics(clu_metrics.Collection):
 
     loss: clu_metrics.Average.from_output("loss")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
+    param_norm: clu_metrics.LastValue.from_output("param_norm")
     learning_rate: clu_metrics.LastValue.from_output("learning_rate")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from xgen.config import ConfigError, OptimizerConfig
@@ -32,5 +33,13 @@ def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.Grad
         raise ConfigError(f"optimizer.name={opt.name!r}: only AdamW variants are implemented")
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip),
-        optax.adamw(schedule, b1=opt.beta1, b2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask),
+        optax.adamw(
+            schedule,
+            b1=opt.beta1,
+            b2=opt.beta2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=decay_mask,
+            mu_dtype=jnp.dtype(opt.mu_dtype),
+        ),
     )

@@ -52,9 +52,11 @@ class Trainer:
         self.steps = total_steps(cfg)
         self.batch_size = cfg.stage.batch_tokens // cfg.stage.seq_len
         sizes = mesh_shape(cfg.hardware)
-        if self.batch_size % (sizes["data"] * sizes["fsdp"]):
+        micro = self.batch_size // cfg.trainer.grad_accum_steps
+        if self.batch_size % cfg.trainer.grad_accum_steps or micro % (sizes["data"] * sizes["fsdp"]):
             raise ConfigError(
-                f"batch of {self.batch_size} sequences (stage.batch_tokens / stage.seq_len) does not split over "
+                f"batch of {self.batch_size} sequences (stage.batch_tokens / stage.seq_len) in "
+                f"trainer.grad_accum_steps={cfg.trainer.grad_accum_steps} micro-batches does not split over "
                 f"the mesh's data x fsdp = {sizes['data'] * sizes['fsdp']} devices"
             )
         self.mesh = make_mesh(cfg.hardware)
@@ -81,7 +83,13 @@ class Trainer:
         self._init = jax.jit(init, out_shardings=self.state_sharding)
         self.tokens_sharding = logical_sharding(self.mesh, rules, ("batch", "length"))
         self._step = jax.jit(
-            partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule),
+            partial(
+                train_step,
+                graphdef=self.graphdef,
+                tx=self.tx,
+                schedule=self.schedule,
+                micro_batches=cfg.trainer.grad_accum_steps,
+            ),
             out_shardings=(self.state_sharding, None),
             donate_argnums=0,
         )

@@ -1,0 +1,79 @@
+"""Partitioning on 8 virtual CPU devices (tests/conftest.py sets XLA_FLAGS before JAX starts)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tests.conftest import compose_config
+from xgen.tasks import run_task
+from xgen.train.trainer import Trainer
+
+FAST = (
+    "stage.seq_len=32", "stage.batch_tokens=256", "data_mix.sources.python_stdlib.max_documents=20",
+    "trainer.steps=10", "trainer.log_every=1",
+)  # fmt: skip
+LAYOUTS = {
+    "data": ("hardware.mesh.data=8", "hardware.mesh.fsdp=1", "hardware.mesh.tensor=1"),
+    "fsdp": ("hardware.mesh.data=1", "hardware.mesh.fsdp=8", "hardware.mesh.tensor=1"),
+    "tensor": ("hardware.num_devices=4", "hardware.mesh.data=1", "hardware.mesh.fsdp=1", "hardware.mesh.tensor=4"),
+    "mixed": ("hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2"),
+}
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    run_task(compose_config(*FAST), run_dir)
+    return losses(run_dir)
+
+
+def test_eight_virtual_devices_are_there():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ten_steps_match_one_device(layout, single_device_losses, tmp_path):
+    run_task(compose_config("hardware=cpu_8", *LAYOUTS[layout], *FAST), tmp_path)
+    got = losses(tmp_path)
+    assert len(got) == 10
+    np.testing.assert_allclose(got, single_device_losses, rtol=2e-5)
+
+
+def test_parameters_are_split_as_the_rules_say(tmp_path):
+    trainer = Trainer(compose_config("hardware=cpu_8", *LAYOUTS["mixed"], *FAST), tmp_path)
+    state = trainer._init(jax.random.key(0))
+    params = state.params
+    layer = params["layers"][0]
+    expect = {
+        "embed_tokens": (params["embed_tokens"], P("tensor", "fsdp")),  # (vocab, embed)
+        "lm_head": (params["lm_head"]["kernel"], P("fsdp", "tensor")),  # (embed, vocab)
+        "q_proj": (layer["attn"]["q_proj"]["kernel"], P("fsdp", "tensor")),  # (embed, heads)
+        "o_proj": (layer["attn"]["o_proj"]["kernel"], P("tensor", "fsdp")),  # (heads, embed)
+        "up_proj": (layer["mlp"]["up_proj"]["kernel"], P("fsdp", "tensor")),  # (embed, mlp)
+        "down_proj": (layer["mlp"]["down_proj"]["kernel"], P("tensor", "fsdp")),  # (mlp, embed)
+        "norm": (layer["input_norm"]["scale"], P("fsdp")),  # (embed,)
+    }
+    for name, (var, spec) in expect.items():
+        array = var[...]
+        assert array.sharding.spec == spec, name
+        shard = array.addressable_shards[0].data.shape
+        # Each device holds 1/2 of every split axis (fsdp=2, tensor=2).
+        assert shard == tuple(d // 2 if ax is not None else d for d, ax in zip(array.shape, spec)), name
+    # Adam's moments are placed like their parameters.
+    mu = state.opt_state[1][0].mu["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+    assert mu.sharding.spec == P("fsdp", "tensor")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run_task(compose_config(*FAST[:-2], "trainer.steps=3", "trainer.log_every=1"), one)
+    run_task(compose_config(*FAST[:-2], "trainer.steps=3", "trainer.log_every=1", "trainer.grad_accum_steps=4"), two)
+    np.testing.assert_allclose(losses(two), losses(one), rtol=2e-5)
