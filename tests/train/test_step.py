@@ -7,7 +7,8 @@ from flax import nnx
 from xgen.config import ModelConfig, OptimizerConfig
 from xgen.model import XGenModel
 from xgen.train.optimizer import decay_mask, lr_schedule, make_optimizer
-from xgen.train.step import TrainState, cross_entropy, train_step
+from xgen.config import SpikeConfig
+from xgen.train.step import RunningStats, TrainState, cross_entropy, train_step
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64, max_positions=64)
 
@@ -51,7 +52,7 @@ def test_train_steps_fit_a_fixed_batch():
     opt = OptimizerConfig(lr=1e-2, warmup_steps=0)
     sched = lr_schedule(opt, 30)
     tx = make_optimizer(opt, sched)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), stats=RunningStats.zeros())
     tokens = jax.random.randint(jax.random.key(3), (4, 17), 0, TINY.vocab_size)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, schedule=sched))
@@ -63,3 +64,55 @@ def test_train_steps_fit_a_fixed_batch():
     assert losses[0] == pytest.approx(np.log(TINY.vocab_size), rel=0.05)
     assert losses[-1] < 0.5 * losses[0]
 
+
+
+def setup_step(policy: str, warmup: int = 5):
+    model = XGenModel(TINY, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    opt = OptimizerConfig(lr=1e-3, warmup_steps=0)
+    sched = lr_schedule(opt, 100)
+    tx = make_optimizer(opt, sched)
+    spike = SpikeConfig(policy=policy, threshold=3.0, warmup_steps=warmup)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), RunningStats.zeros())
+    step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, schedule=sched, spike=spike))
+    return state, step
+
+
+def batch_of(seed: int, vocab: int = TINY.vocab_size):
+    tokens = jax.random.randint(jax.random.key(seed), (4, 17), 0, vocab)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def same(a, b) -> bool:
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("policy", ["log", "skip", "rollback"])
+def test_a_nonfinite_loss_never_reaches_the_parameters(policy):
+    state, step = setup_step(policy)
+    state, _ = step(state, batch_of(0))
+    poisoned = state.replace(params=jax.tree.map(lambda p: p, state.params))
+    # An infinite embedding row makes every sequence that holds token 3 produce NaN logits.
+    emb = poisoned.params["embed_tokens"]
+    emb[...] = emb[...].at[3].set(jnp.inf)
+    batch = batch_of(1)
+    batch["inputs"] = batch["inputs"].at[0, 0].set(3)
+    after, out = step(poisoned, batch)
+    assert bool(out["nonfinite"]) and bool(out["skipped"])
+    assert same(after.params, poisoned.params) and same(after.opt_state, poisoned.opt_state)
+    assert int(after.step) == int(poisoned.step) + 1 and int(after.stats.count) == int(poisoned.stats.count)
+
+
+@pytest.mark.parametrize("policy,applied", [("log", True), ("skip", False)])
+def test_a_loss_spike_is_flagged_and_skipped_only_under_skip(policy, applied):
+    state, step = setup_step(policy, warmup=5)
+    fixed = batch_of(0)
+    for _ in range(8):  # the running statistics settle on this batch's loss
+        state, out = step(state, fixed)
+        assert not bool(out["spike"])
+    spiky = dict(fixed, targets=(fixed["targets"] + 1) % TINY.vocab_size)  # a batch the model has not fit
+    after, out = step(state, spiky)
+    assert bool(out["spike"])
+    assert bool(out["skipped"]) != applied
+    assert same(after.params, state.params) != applied
+    assert int(after.stats.count) == int(state.stats.count)  # spikes never enter the statistics

@@ -185,6 +185,22 @@ class HardwareConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Online loss-spike detection (home: `xgen.train.step`).
+
+    A step is a spike when its loss or gradient norm is more than `threshold` standard
+    deviations above its running mean (exponential, `decay`), after `warmup_steps` steps.
+    `log` records it; `skip` also drops the update; `rollback` restores the last checkpoint
+    and goes on with the batches after the spike. Non-finite losses or gradients never
+    reach the parameters, whatever the policy."""
+
+    policy: str = "log"  # log | skip | rollback
+    threshold: float = 6.0
+    decay: float = 0.99
+    warmup_steps: int = 50
+
+
+@dataclass
 class TrainerConfig:
     """Run length, cadence and output (home: `xgen.train.loop`)."""
 
@@ -193,10 +209,13 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_to_keep: int = 3
+    # Also keep every checkpoint whose step is a multiple of this (None: only the last K).
+    checkpoints_keep_every: Optional[int] = None
     # Micro-batches per optimizer step: the stage's batch is split and gradients summed,
     # for batches that do not fit in memory at once.
     grad_accum_steps: int = 1
     tensorboard: bool = False
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass

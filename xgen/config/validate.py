@@ -26,6 +26,8 @@ def validate(cfg: XGenConfig) -> None:
         (hw.compute_dtype in _DTYPES, f"hardware.compute_dtype={hw.compute_dtype!r} is not one of {_DTYPES}"),
         (t.grad_accum_steps > 0, f"trainer.grad_accum_steps={t.grad_accum_steps} must be positive"),
         (cfg.optimizer.mu_dtype in _DTYPES, f"optimizer.mu_dtype={cfg.optimizer.mu_dtype!r} is not one of {_DTYPES}"),
+        (t.spike.policy in ("log", "skip", "rollback"), f"trainer.spike.policy={t.spike.policy!r} is not one of log, skip, rollback"),
+        (0 < t.spike.decay < 1, f"trainer.spike.decay={t.spike.decay} must be in (0, 1)"),
         (t.log_every > 0, f"trainer.log_every={t.log_every} must be positive"),
         (t.steps is None or t.steps > 0, f"trainer.steps={t.steps} must be positive"),
         (cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be positive"),

@@ -18,8 +18,9 @@ from xgen.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def open_manager(directory: Path, *, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+def open_manager(directory: Path, *, keep: int, keep_every: int | None = None) -> ocp.CheckpointManager:
+    """Keeps the newest `keep` checkpoints, plus every one whose step is a multiple of `keep_every`."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 

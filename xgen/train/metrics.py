@@ -31,11 +31,18 @@ class TrainMetrics(clu_metrics.Collection):
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; optionally mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl and one per spike, non-finite
+    step or rollback to events.jsonl; optionally mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool):
+    On resume from step N, records of later steps (logged after that checkpoint, before the
+    interruption) are dropped, so each step appears once and the file matches the run."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
+        self.events_path = run_dir / "events.jsonl"
+        self.path.touch()
         self._file = self.path.open("a", encoding="utf-8")
+        self.truncate(resume_step)
         self._tb = None
         if tensorboard:
             try:
@@ -51,6 +58,17 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def truncate(self, step: int) -> None:
+        """Drop records after `step` (a rollback returns there; each step stays logged once)."""
+        self._file.close()
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def event(self, record: dict[str, Any]) -> None:
+        with self.events_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self._file.close()

@@ -1,4 +1,4 @@
-"""The loss and the training step: pure functions of (params, batch), jit-compiled once."""
+"""The loss and the training step: pure functions of (state, batch), jit-compiled once."""
 
 from __future__ import annotations
 
@@ -9,14 +9,38 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from xgen.config import SpikeConfig
+
+
+@struct.dataclass
+class RunningStats:
+    """Exponential running mean and variance of the loss and the gradient norm."""
+
+    count: jax.Array  # int32: steps folded in (spikes and non-finite steps are not)
+    mean: jax.Array  # [2]: loss, grad norm
+    var: jax.Array  # [2]
+
+    @classmethod
+    def zeros(cls) -> "RunningStats":
+        return cls(jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.float32), jnp.zeros((2,), jnp.float32))
+
+    def update(self, x: jax.Array, decay: float) -> "RunningStats":
+        first = self.count == 0
+        d = jnp.where(first, 0.0, decay)
+        delta = x - self.mean
+        mean = self.mean + (1 - d) * delta
+        var = jnp.where(first, 0.0, d * (self.var + (1 - d) * delta**2))
+        return RunningStats(self.count + 1, mean, var)
+
 
 @struct.dataclass
 class TrainState:
     """Everything a checkpoint must hold to continue a run bit for bit (with the data state)."""
 
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    step: jax.Array  # int32 scalar: batches consumed (optimizer updates, plus skipped steps)
     params: nnx.State
     opt_state: optax.OptState
+    stats: RunningStats
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -71,16 +95,39 @@ def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    spike: SpikeConfig = SpikeConfig(),
     micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One AdamW update; returns the new state and this step's metrics (before clipping)."""
+    """One AdamW update, unless the loss or gradients are non-finite (never applied) or the
+    step is a spike under a skip/rollback policy; returns the new state and the metrics."""
     loss, grads = accumulated_grads(state.params, graphdef, batch, micro_batches)
+    grad_norm = optax.global_norm(grads)
+    observed = jnp.stack([loss, grad_norm])
+    finite = jnp.all(jnp.isfinite(observed))
+    limit = state.stats.mean + spike.threshold * jnp.sqrt(state.stats.var)
+    is_spike = finite & (state.stats.count >= spike.warmup_steps) & jnp.any(observed > limit)
+    apply = finite & ~(is_spike & (spike.policy != "log"))
+
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+    healthy = finite & ~is_spike
+    stats = jax.tree.map(
+        lambda a, b: jnp.where(healthy, a, b), state.stats.update(observed, spike.decay), state.stats
+    )
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        stats=stats,
+    )
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(new_state.params),
         "learning_rate": schedule(state.step),
+        "spike": is_spike,
+        "nonfinite": ~finite,
+        "skipped": ~apply,
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return new_state, metrics

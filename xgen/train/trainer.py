@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -28,7 +30,7 @@ from xgen.parallel import activation_constraint, axis_rules, logical_sharding, m
 from xgen.train import checkpoint
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer
-from xgen.train.step import TrainState, train_step
+from xgen.train.step import RunningStats, TrainState, train_step
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,22 @@ def host_memory_bytes() -> int:
 def total_steps(cfg: XGenConfig) -> int:
     """`trainer.steps`, or the stage's token budget in steps."""
     return cfg.trainer.steps or max(cfg.stage.token_budget // cfg.stage.batch_tokens, 1)
+
+
+class _SignalFlag:
+    """Turns a signal into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self, signum: int):
+        self.signum, self.raised, self._previous = signum, False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
 
 
 class Trainer:
@@ -72,7 +90,9 @@ class Trainer:
 
         def init(key: jax.Array) -> TrainState:
             params = nnx.state(make_model(rngs=nnx.Rngs(key)))
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), stats=RunningStats.zeros()
+            )
 
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(rngs=nnx.Rngs(0))))
         abstract = jax.eval_shape(init, jax.random.key(0))
@@ -88,6 +108,7 @@ class Trainer:
                 graphdef=self.graphdef,
                 tx=self.tx,
                 schedule=self.schedule,
+                spike=cfg.trainer.spike,
                 micro_batches=cfg.trainer.grad_accum_steps,
             ),
             out_shardings=(self.state_sharding, None),
@@ -107,53 +128,109 @@ class Trainer:
 
     def fit(self, data: DataPipeline) -> dict:
         """Train to `self.steps` on `data` (element i: this host's batch of step i + 1),
-        resuming from the newest checkpoint; returns the run summary."""
+        resuming from the newest checkpoint; returns the run summary.
+
+        SIGTERM (a preempted TPU VM, a SLURM time limit) ends the run after the current
+        step with a checkpoint, exit code 143; running the command again resumes."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        abstract_batch = self._abstract_batch(data.dataset[0])
-        compiled = self._step.lower(self.abstract_state, abstract_batch).compile()
+        compiled = self._step.lower(self.abstract_state, self._abstract_batch(data.dataset[0])).compile()
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
-        mngr = checkpoint.open_manager(self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep)
+        mngr = checkpoint.open_manager(
+            self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep, keep_every=cfg.trainer.checkpoints_keep_every
+        )
         batches = data.iterator()
-        restored = checkpoint.restore_latest(mngr, self.abstract_state)
-        if restored is None:
-            state = self._init(jax.random.key(cfg.seed))
-        else:
-            state, data_state, _ = restored
-            batches.set_state(data_state)
+        state = self._restore(mngr, batches)
         start = int(state.step)
+        metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start)
         meta = {"config": dataclasses.asdict(cfg)}
-        metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard)
+        save = lambda st: checkpoint.save(mngr, int(st.step), st, batches.get_state(), {**meta, "step": int(st.step)})  # noqa: E731
+        stop = _SignalFlag(signal.SIGTERM)
 
-        acc, last, window_start, window_t0 = None, None, start, time.perf_counter()
-        train_t0 = window_t0
-        for step in range(start + 1, self.steps + 1):
-            batch = self._global_batch(next(batches))
-            state, out = compiled(state, batch)
+        acc, last, pending = None, None, []
+        window_start = start
+        train_t0 = window_t0 = time.perf_counter()
+        step = start
+        while step < self.steps:
+            data_index = batches.get_state().get("next_index")
+            state, out = compiled(state, self._global_batch(next(batches)))
+            step += 1
+            pending.append((step, data_index, out))
             m = TrainMetrics.single_from_model_output(**out)
             acc = m if acc is None else acc.merge(m)
-            if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps:
-                values = {k: float(v) for k, v in acc.compute().items()}
+            if cfg.trainer.spike.policy == "rollback" and bool(out["spike"]):
+                self._events(metrics_log, pending)
+                pending = []
+                state, step = self._rollback(mngr, state, step, metrics_log)
+                continue
+            if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stop.raised:
+                self._events(metrics_log, pending)
+                pending = []
                 now = time.perf_counter()
-                tokens = (step - window_start) * cfg.stage.batch_tokens
                 last = {
                     "step": step,
-                    **values,
+                    **{k: float(v) for k, v in acc.compute().items()},
                     "tokens_seen": step * cfg.stage.batch_tokens,
-                    "tokens_per_s": tokens / (now - window_t0),
+                    "tokens_per_s": (step - window_start) * cfg.stage.batch_tokens / (now - window_t0),
                     "elapsed_s": now - train_t0,
                     "data_epochs": data.epochs(step),
                 }
                 metrics_log.write(last)
-                eta = (now - train_t0) / (step - start) * (self.steps - step)
+                eta = (now - train_t0) / max(step - start, 1) * (self.steps - step)
                 log.info(progress_line(last, self.steps, eta))
                 acc, window_start, window_t0 = None, step, now
-            if step == self.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                checkpoint.save(mngr, step, state, batches.get_state(), {**meta, "step": step})
+            if step == self.steps or stop.raised or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
+                save(state)
+            if stop.raised:
+                break
         mngr.wait_until_finished()
         mngr.close()
         metrics_log.close()
+        stop.restore()
+        if stop.raised:
+            log.warning("SIGTERM: saved a checkpoint at step %d of %d; run the same command to resume", step, self.steps)
+            raise SystemExit(128 + signal.SIGTERM)
+        return self._summary(start, last, t_start, train_t0)
+
+    def _restore(self, mngr, batches) -> TrainState:
+        restored = checkpoint.restore_latest(mngr, self.abstract_state)
+        if restored is None:
+            return self._init(jax.random.key(self.cfg.seed))
+        state, data_state, _ = restored
+        batches.set_state(data_state)
+        return state
+
+    def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
+        """Back to the newest checkpoint's model and optimizer; the data goes on after the spike."""
+        restored = checkpoint.restore_latest(mngr, self.abstract_state)
+        if restored is None:
+            log.warning("loss spike at step %d: no checkpoint to roll back to; the update was skipped", step)
+            return state, step
+        back, _, back_step = restored
+        log.warning("loss spike at step %d: rolled back to step %d; batches of steps %d-%d skipped", step, back_step, back_step + 1, step)
+        metrics_log.event({"event": "rollback", "step": step, "to_step": back_step})
+        metrics_log.truncate(back_step)
+        return back, back_step
+
+    def _events(self, metrics_log: MetricsLog, pending: list) -> None:
+        """Write each spike or non-finite step of the window, with its batch's data position."""
+        for step, data_index, out in pending:
+            if bool(out["spike"]) or bool(out["nonfinite"]):
+                kind = "nonfinite" if bool(out["nonfinite"]) else "spike"
+                event = {
+                    "event": kind,
+                    "step": step,
+                    "data_index": data_index,
+                    "loss": float(out["loss"]),
+                    "grad_norm": float(out["grad_norm"]),
+                    "update_applied": not bool(out["skipped"]),
+                }
+                log.warning("%s at step %d (batch %s): loss %.4f, grad norm %.3f", kind, step, data_index, event["loss"], event["grad_norm"])
+                metrics_log.event(event)
+
+    def _summary(self, start: int, last: dict | None, t_start: float, train_t0: float) -> dict:
+        cfg = self.cfg
         wall = time.perf_counter() - t_start
         trained = self.steps - start
         summary = {

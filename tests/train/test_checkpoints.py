@@ -1,0 +1,125 @@
+"""Checkpoints: kill -9 and SIGTERM mid-run, restore on another mesh, retention, rollback."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import compose_config
+from xgen.tasks import run_task
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ("stage.seq_len=32", "stage.batch_tokens=256", "data_mix.sources.python_stdlib.max_documents=20")
+
+
+def metrics(run_dir: Path) -> dict[int, tuple[float, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records}
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "xgen.run", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lines(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_after_sigkill_at_random_moments(tmp_path):
+    run = ("trainer.steps=30", "trainer.log_every=1", "trainer.checkpoint_every=3", "optimizer.decay_steps=30")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_task(compose_config(*FAST, *run), straight)
+
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for target in (4, 11, 19):
+        proc = start(killed, *run)
+        wait_for_lines(killed, target, proc)
+        time.sleep(rng.uniform(0.0, 0.4))  # between steps, or inside an asynchronous save
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    proc = start(killed, *run)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    assert metrics(killed) == metrics(straight)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    run = ("trainer.steps=400", "trainer.log_every=1", "optimizer.decay_steps=400")
+    proc = start(tmp_path, *run)
+    wait_for_lines(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-2000:]
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 400
+    assert max(metrics(tmp_path)) == saved[0]
+
+
+def test_checkpoint_from_eight_devices_restores_on_one_and_on_another_layout(tmp_path):
+    common = (*FAST, "trainer.log_every=1", "optimizer.decay_steps=6")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_task(compose_config(*common, "trainer.steps=6"), straight)
+    mixed = ("hardware=cpu_8", "hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2")
+    fsdp = ("hardware=cpu_8", "hardware.mesh.data=1", "hardware.mesh.fsdp=8", "hardware.mesh.tensor=1")
+    for name, second in (("one", ("hardware=cpu",)), ("fsdp", fsdp)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        run_task(compose_config(*common, *mixed, "trainer.steps=3"), run_dir)
+        run_task(compose_config(*common, *second, "trainer.steps=6"), run_dir)
+        got, want = metrics(run_dir), metrics(straight)
+        np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=2e-5)
+
+
+def test_keeps_the_last_k_and_every_mth_checkpoint(tmp_path):
+    run_task(
+        compose_config(
+            *FAST, "trainer.steps=12", "trainer.checkpoint_every=1", "trainer.checkpoints_to_keep=2",
+            "trainer.checkpoints_keep_every=5",
+        ),
+        tmp_path,
+    )  # fmt: skip
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [5, 10, 11, 12]
+
+
+def test_rollback_restores_the_last_checkpoint_and_skips_the_spiky_batches(tmp_path):
+    # A threshold of 0 makes the first step after the warmup whose loss is above the running
+    # mean a spike; the run must roll back to its last checkpoint and still finish.
+    run_task(
+        compose_config(
+            *FAST, "trainer.steps=14", "trainer.checkpoint_every=4", "trainer.log_every=1",
+            "trainer.spike.policy=rollback", "trainer.spike.threshold=0", "trainer.spike.warmup_steps=6",
+        ),
+        tmp_path,
+    )  # fmt: skip
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    spikes = [e for e in events if e["event"] == "spike"]
+    assert rollbacks and spikes
+    first = rollbacks[0]
+    assert first["to_step"] % 4 == 0 and first["to_step"] < first["step"]
+    assert all(s["data_index"] is not None and not s["update_applied"] for s in spikes)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 14
+    assert sorted(metrics(tmp_path)) == list(range(1, 15))  # each step logged once, after the rollbacks
