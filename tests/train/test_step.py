@@ -116,3 +116,13 @@ def test_a_loss_spike_is_flagged_and_skipped_only_under_skip(policy, applied):
     assert bool(out["skipped"]) != applied
     assert same(after.params, state.params) != applied
     assert int(after.stats.count) == int(state.stats.count)  # spikes never enter the statistics
+
+
+def test_flops_per_token_is_six_n_plus_attention(make_config):
+    from xgen.model import count_params
+    from xgen.train.throughput import flops_per_token
+
+    cfg = make_config("model=xgen_7b").model
+    n = count_params(cfg) - 51200 * 4096
+    assert flops_per_token(cfg, 8192) == 6 * n + 6 * 32 * 8192 * 4096
+    assert flops_per_token(cfg, 8192) - flops_per_token(cfg, 2048) == 6 * 32 * (8192 - 2048) * 4096

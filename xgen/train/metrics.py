@@ -81,5 +81,5 @@ def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str
     eta = f"{int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
     return (
         f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | lr {record['learning_rate']:.2e} | "
-        f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | ETA {eta}"
+        f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | ETA {eta}"
     )

@@ -30,6 +30,7 @@ from xgen.parallel import activation_constraint, axis_rules, logical_sharding, m
 from xgen.train import checkpoint
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer
+from xgen.train.throughput import flops_per_token, measure_matmul_peak
 from xgen.train.step import RunningStats, TrainState, train_step
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ class Trainer:
             out_shardings=(self.state_sharding, None),
             donate_argnums=0,
         )
+        self.flops_per_token = flops_per_token(cfg.model, cfg.stage.seq_len)
+        self.peak_flops = cfg.hardware.peak_flops_per_chip
+        if self.peak_flops is None:
+            self.peak_flops = measure_matmul_peak(cfg.hardware.compute_dtype)
+            log.info("measured peak: %.1f GFLOP/s per device (%s matmul)", self.peak_flops / 1e9, cfg.hardware.compute_dtype)
         log.info(
             "model %s: %s parameters | mesh %s over %d %s device(s) | %d steps of %d x %d tokens",
             cfg.model.name,
@@ -168,11 +174,14 @@ class Trainer:
                 self._events(metrics_log, pending)
                 pending = []
                 now = time.perf_counter()
+                tokens_per_s = (step - window_start) * cfg.stage.batch_tokens / (now - window_t0)
                 last = {
                     "step": step,
                     **{k: float(v) for k, v in acc.compute().items()},
                     "tokens_seen": step * cfg.stage.batch_tokens,
-                    "tokens_per_s": (step - window_start) * cfg.stage.batch_tokens / (now - window_t0),
+                    "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_chip": tokens_per_s / self.mesh.size,
+                    "mfu": tokens_per_s / self.mesh.size * self.flops_per_token / self.peak_flops,
                     "elapsed_s": now - train_t0,
                     "data_epochs": data.epochs(step),
                 }

@@ -1,0 +1,36 @@
+"""Model FLOPs per token and the chip's peak, for tokens/s per chip and MFU.
+
+FLOPs per trained token = 6 N + 6 L T d: 6 N for the matmuls of the forward (2 N) and the
+backward (4 N) pass, with N the parameters that take part in matmuls (all but the input
+embedding, which is a gather); and per layer the attention scores and their weighted sum,
+2 * 2 * T * d forward for a sequence of T tokens, times 3 with the backward. The causal
+mask is not subtracted (as in PaLM's MFU), nor is rematerialized work added.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from xgen.config import ModelConfig
+from xgen.model import count_params
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    n_matmul = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    return 6.0 * n_matmul + 6.0 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few square matmuls on device 0: the CPU's practical peak."""
+    a = jnp.ones((size, size), jnp.dtype(dtype))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
