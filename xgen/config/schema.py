@@ -18,6 +18,8 @@ class TaskConfig:
     """Which job `xgen.run` dispatches to (`xgen/tasks/<name>.py`)."""
 
     name: str = "pretrain"
+    # task=pretrain_all: the stages to run in order, each starting from the one before.
+    stages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -204,8 +206,14 @@ class SpikeConfig:
 class TrainerConfig:
     """Run length, cadence and output (home: `xgen.train.loop`)."""
 
-    # Optimizer steps; None runs the stage's token budget (token_budget // batch_tokens).
+    # Steps of this stage; None runs the stage's token budget (token_budget // batch_tokens).
+    # A stage that starts from another's checkpoint continues its step count.
     steps: Optional[int] = None
+    # Start from this run directory's newest checkpoint (model, optimizer, step; not the data
+    # position) when the run's own directory has none: how a stage starts from the last.
+    init_from: Optional[str] = None
+    # With init_from: start the optimizer state afresh (the step count still continues).
+    reset_optimizer: bool = False
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_to_keep: int = 3

@@ -12,6 +12,7 @@ from xgen.config import ConfigError, XGenConfig
 TASKS = {
     "pretrain": "xgen.tasks.pretrain",
     "prepare": "xgen.tasks.prepare",
+    "pretrain_all": "xgen.tasks.pretrain_all",
 }
 
 

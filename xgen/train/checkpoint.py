@@ -18,9 +18,13 @@ from xgen.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def open_manager(directory: Path, *, keep: int, keep_every: int | None = None) -> ocp.CheckpointManager:
+def open_manager(
+    directory: Path, *, keep: int = 1, keep_every: int | None = None, read_only: bool = False
+) -> ocp.CheckpointManager:
     """Keeps the newest `keep` checkpoints, plus every one whose step is a multiple of `keep_every`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_every, create=not read_only, read_only=read_only
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -35,6 +39,20 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, m
         ),
         force=True,
     )
+
+
+def latest_step(directory: Path) -> int | None:
+    """The newest complete checkpoint's step under `directory`, or None."""
+    if not directory.is_dir():
+        return None
+    with open_manager(directory, read_only=True) as mngr:
+        return mngr.latest_step()
+
+
+def checkpoints_dir(run_or_checkpoints: str | Path) -> Path:
+    """Accept a run directory or its `checkpoints/` folder."""
+    path = Path(run_or_checkpoints)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict, int] | None:

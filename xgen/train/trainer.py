@@ -41,9 +41,25 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def total_steps(cfg: XGenConfig) -> int:
+def stage_steps(cfg: XGenConfig) -> int:
     """`trainer.steps`, or the stage's token budget in steps."""
     return cfg.trainer.steps or max(cfg.stage.token_budget // cfg.stage.batch_tokens, 1)
+
+
+def first_step(cfg: XGenConfig, run_dir: Path) -> int:
+    """The step this stage starts at: 0, or the step of the checkpoint it starts from."""
+    if cfg.trainer.init_from is None:
+        if cfg.stage.init_from_stage:
+            log.warning(
+                "stage %s starts from stage %s in the report; set trainer.init_from=<its run dir> "
+                "(task=pretrain_all does) to continue it; starting from scratch",
+                cfg.stage.name, cfg.stage.init_from_stage,
+            )  # fmt: skip
+        return 0
+    step = checkpoint.latest_step(checkpoint.checkpoints_dir(cfg.trainer.init_from))
+    if step is None:
+        raise ConfigError(f"trainer.init_from={cfg.trainer.init_from}: no complete checkpoint there")
+    return step
 
 
 class _SignalFlag:
@@ -68,7 +84,8 @@ class Trainer:
     def __init__(self, cfg: XGenConfig, run_dir: Path):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.steps = total_steps(cfg)
+        self.first_step = first_step(cfg, run_dir)
+        self.steps = self.first_step + stage_steps(cfg)
         self.batch_size = cfg.stage.batch_tokens // cfg.stage.seq_len
         sizes = mesh_shape(cfg.hardware)
         micro = self.batch_size // cfg.trainer.grad_accum_steps
@@ -140,6 +157,9 @@ class Trainer:
         step with a checkpoint, exit code 143; running the command again resumes."""
         cfg = self.cfg
         t_start = time.perf_counter()
+        done = checkpoint.latest_step(self.run_dir / "checkpoints")
+        if done is not None and done >= self.steps:
+            return self._summary(self.steps, None, t_start, t_start)
         compiled = self._step.lower(self.abstract_state, self._abstract_batch(data.dataset[0])).compile()
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
@@ -203,11 +223,21 @@ class Trainer:
         return self._summary(start, last, t_start, train_t0)
 
     def _restore(self, mngr, batches) -> TrainState:
+        """This run's newest checkpoint (with the data position); else the stage it starts from
+        (model, optimizer and step; its own data chunk from the start); else a fresh init."""
         restored = checkpoint.restore_latest(mngr, self.abstract_state)
-        if restored is None:
+        if restored is not None:
+            state, data_state, _ = restored
+            batches.set_state(data_state)
+            return state
+        if self.cfg.trainer.init_from is None:
             return self._init(jax.random.key(self.cfg.seed))
-        state, data_state, _ = restored
-        batches.set_state(data_state)
+        source = checkpoint.checkpoints_dir(self.cfg.trainer.init_from)
+        with checkpoint.open_manager(source, read_only=True) as init_mngr:
+            state, _, step = checkpoint.restore_latest(init_mngr, self.abstract_state)
+        log.info("starting from %s at step %d", source, step)
+        if self.cfg.trainer.reset_optimizer:
+            state = state.replace(opt_state=jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(state.params))
         return state
 
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
