@@ -180,6 +180,11 @@ class HardwareConfig:
     # Logical axis name -> mesh axes; the one table that decides all placement.
     logical_axis_rules: list[Any] = field(default_factory=lambda: [list(r) for r in DEFAULT_AXIS_RULES])
     compute_dtype: str = "float32"  # dtype of matmul inputs; parameters stay float32
+    # TPU slices: the topology that `task=plan` compiles for ahead of time (libtpu's names).
+    tpu_topology: Optional[str] = None  # e.g. "v4:8x8x8"
+    tpu_chip_config: str = "megacore"
+    tpu_chips_per_host: list[int] = field(default_factory=lambda: [2, 2, 1])
+    tpu_wrap: list[bool] = field(default_factory=lambda: [False, False, False])
     peak_flops_per_chip: Optional[float] = None  # None: measured at start-up (CPU)
     memory_per_chip_bytes: Optional[int] = None
     chip_power_w: Optional[float] = None
@@ -252,6 +257,13 @@ class PrepareConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`task=plan`: the MFU at which step time and throughput are projected."""
+
+    mfu: float = 0.45
+
+
+@dataclass
 class XGenConfig:
     """The whole run: one field per `conf/` group plus run-wide settings."""
 
@@ -265,6 +277,7 @@ class XGenConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # Root of prepared and raw data; data_mix paths interpolate it.
     data_dir: str = "data"
     seed: int = 0

@@ -24,10 +24,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
 
-def make_mesh(hw: HardwareConfig) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the first `hardware.num_devices` devices."""
+def make_mesh(hw: HardwareConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the first `hardware.num_devices` devices (of `devices`,
+    e.g. a TPU topology description's for ahead-of-time compilation; default: this host's)."""
     sizes = mesh_shape(hw)
-    devices = jax.devices()
+    devices = list(devices) if devices is not None else jax.devices()
     if len(devices) < hw.num_devices:
         raise ConfigError(
             f"hardware={hw.name} wants {hw.num_devices} devices but JAX sees {len(devices)} "
@@ -35,6 +36,29 @@ def make_mesh(hw: HardwareConfig) -> Mesh:
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[: hw.num_devices])
+
+
+def topology_devices(hw: HardwareConfig) -> list[Any]:
+    """The devices of `hardware.tpu_topology`, described by libtpu without any TPU attached."""
+    if not hw.tpu_topology:
+        raise ConfigError(f"hardware={hw.name} has no tpu_topology to compile for")
+    try:
+        from jax.experimental import topologies
+
+        topology = topologies.get_topology_desc(
+            topology_name=hw.tpu_topology,
+            platform="tpu",
+            chip_config_name=hw.tpu_chip_config,
+            chips_per_host_bounds=tuple(hw.tpu_chips_per_host),
+            num_slices=1,
+            wrap=tuple(hw.tpu_wrap),
+        )
+    except Exception as ex:  # noqa: BLE001 - libtpu missing or refusing: one line, with the fix
+        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise ConfigError(
+            f"compiling for {hw.tpu_topology} needs libtpu (pip install 'xgen[tpu]'): {first}"
+        ) from None
+    return list(topology.devices)
 
 
 def axis_rules(hw: HardwareConfig) -> Rules:

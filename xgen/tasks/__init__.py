@@ -13,6 +13,7 @@ TASKS = {
     "pretrain": "xgen.tasks.pretrain",
     "prepare": "xgen.tasks.prepare",
     "pretrain_all": "xgen.tasks.pretrain_all",
+    "plan": "xgen.tasks.plan",
 }
 
 

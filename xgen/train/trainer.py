@@ -36,6 +36,15 @@ from xgen.train.step import RunningStats, TrainState, train_step
 log = logging.getLogger(__name__)
 
 
+def step_memory_bytes(compiled) -> int | None:
+    """Per-device bytes of a compiled step: arguments + outputs + temporaries - donated aliases."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    used = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    return int(used - mem.alias_size_in_bytes)
+
+
 def host_memory_bytes() -> int:
     """Physical memory of this host (what CPU devices share)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -81,7 +90,8 @@ class _SignalFlag:
 class Trainer:
     """Owns the mesh, the sharded train state, the compiled step and the checkpoint manager."""
 
-    def __init__(self, cfg: XGenConfig, run_dir: Path):
+    def __init__(self, cfg: XGenConfig, run_dir: Path, devices: list | None = None):
+        """`devices`: build for these (a TPU topology's, for `task=plan`) instead of this host's."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.first_step = first_step(cfg, run_dir)
@@ -95,7 +105,7 @@ class Trainer:
                 f"trainer.grad_accum_steps={cfg.trainer.grad_accum_steps} micro-batches does not split over "
                 f"the mesh's data x fsdp = {sizes['data'] * sizes['fsdp']} devices"
             )
-        self.mesh = make_mesh(cfg.hardware)
+        self.mesh = make_mesh(cfg.hardware, devices)
         rules = axis_rules(cfg.hardware)
         self.schedule = lr_schedule(cfg.optimizer, self.steps)
         self.tx = make_optimizer(cfg.optimizer, self.schedule)
@@ -160,7 +170,7 @@ class Trainer:
         done = checkpoint.latest_step(self.run_dir / "checkpoints")
         if done is not None and done >= self.steps:
             return self._summary(self.steps, None, t_start, t_start)
-        compiled = self._step.lower(self.abstract_state, self._abstract_batch(data.dataset[0])).compile()
+        compiled = self.compile_step(data.dataset[0])
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
         mngr = checkpoint.open_manager(
@@ -291,11 +301,9 @@ class Trainer:
 
     def _check_memory(self, compiled) -> None:
         """Refuse, in one line, a step that cannot fit in device memory (before allocating it)."""
-        mem = compiled.memory_analysis()
-        if mem is None:
+        needed = step_memory_bytes(compiled)
+        if needed is None:
             return
-        needed = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        needed -= mem.alias_size_in_bytes
         hw = self.cfg.hardware
         available = hw.memory_per_chip_bytes or host_memory_bytes() // hw.num_devices
         log.info("train step memory: %.2f GiB per device of %.1f GiB", needed / 2**30, available / 2**30)
@@ -305,6 +313,14 @@ class Trainer:
                 f"{available / 2**30:.1f} GiB: lower stage.batch_tokens (now {self.cfg.stage.batch_tokens}), "
                 "set model.attention=chunked for long sequences, or use a smaller model"
             )
+
+    def compile_step(self, local_batch: dict | None = None):
+        """The train step compiled for the mesh (ahead of time: nothing is allocated). Without a
+        batch, for plain `inputs`/`targets` batches of the stage's shape."""
+        if local_batch is None:
+            shape = (self.batch_size // jax.process_count(), self.cfg.stage.seq_len)
+            local_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets")}
+        return self._step.lower(self.abstract_state, self._abstract_batch(local_batch)).compile()
 
     def _abstract_batch(self, local: dict) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch's shapes: hosts' local batches stack along the batch axis."""

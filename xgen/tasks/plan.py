@@ -1,0 +1,108 @@
+"""task=plan: the training step of a run, compiled for a TPU slice that is not here.
+
+For `hardware` with a `tpu_topology`, libtpu describes the slice's devices and XLA compiles
+the real step for them (ahead of time, on this CPU): per-chip memory comes from the
+compiled program and FLOPs from its cost analysis. For other hardware the figures are the
+analytic estimates (parameters and optimizer state per shard; 6N + attention FLOPs).
+Writes plan.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from xgen.config import XGenConfig
+
+log = logging.getLogger(__name__)
+
+
+def _advice(plan: dict, cfg: XGenConfig) -> str:
+    if plan["fits"]:
+        return "fits"
+    tips = []
+    if cfg.model.remat == "none":
+        tips.append("model.remat=full")
+    if cfg.model.attention == "xla":
+        tips.append("model.attention=chunked")
+    if cfg.trainer.grad_accum_steps == 1:
+        tips.append("trainer.grad_accum_steps=4")
+    if cfg.optimizer.mu_dtype == "float32":
+        tips.append("optimizer.mu_dtype=bfloat16")
+    return "does not fit: try " + (", ".join(tips) if tips else "more chips (hardware=...) or a smaller stage.batch_tokens")
+
+
+def run(cfg: XGenConfig, run_dir: Path) -> dict:
+    from xgen.model import count_params
+    from xgen.parallel import topology_devices
+    from xgen.train.throughput import flops_per_token
+    from xgen.train.trainer import Trainer, step_memory_bytes
+
+    hw, stage = cfg.hardware, cfg.stage
+    params = count_params(cfg.model)
+    n_chips = hw.num_devices
+    flops_6n = 6.0 * params * stage.batch_tokens
+    flops_model = flops_per_token(cfg.model, stage.seq_len) * stage.batch_tokens  # what MFU counts
+    compiled_ok = False
+    if hw.tpu_topology:
+        trainer = Trainer(cfg, run_dir, devices=topology_devices(hw))
+        method = f"compiled for {hw.tpu_topology} ({hw.device_kind}) by XLA"
+        try:
+            compiled = trainer.compile_step()
+        except Exception as ex:  # noqa: BLE001 - XLA refuses programs that cannot fit in HBM
+            needed = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)G\)", str(ex))
+            if needed is None:
+                raise
+            hbm, flops = int(float(needed.group(1)) * 2**30), flops_model
+            method += ", which refused it: the HBM figure is its temporaries alone, FLOPs analytic"
+        else:
+            compiled_ok = True
+            hbm = step_memory_bytes(compiled)
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops = float(cost["flops"]) * n_chips  # the cost analysis is of one device's program
+    else:
+        shards = n_chips  # parameters, gradients and Adam moments, fully sharded (fsdp)
+        hbm = int(params * 4 * 4 / shards)
+        flops = flops_model
+        method = "analytic estimate (no compiler target for this hardware)"
+    capacity = hw.memory_per_chip_bytes
+    peak = hw.peak_flops_per_chip
+    step_s = flops / (peak * n_chips * cfg.plan.mfu) if peak else None
+    plan = {
+        "model": cfg.model.name,
+        "stage": stage.name,
+        "hardware": hw.name,
+        "method": method,
+        "params": params,
+        "chips": n_chips,
+        "batch_tokens": stage.batch_tokens,
+        "hbm_per_chip_bytes": hbm,
+        "hbm_capacity_bytes": capacity,
+        "fits": capacity is None or hbm <= capacity,
+        "flops_per_step": flops,
+        "flops_per_step_6n": flops_6n,
+        "flops_per_step_model": flops_model,
+        "mfu_assumed": cfg.plan.mfu,
+        "step_time_s": step_s,
+        "tokens_per_s": stage.batch_tokens / step_s if step_s else None,
+    }
+    plan["verdict"] = _advice(plan, cfg)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "unknown"  # noqa: E731
+    rows = [
+        ("model", f"{cfg.model.name}: {params:,} parameters"),
+        ("stage", f"{stage.name}: {stage.batch_tokens // stage.seq_len} x {stage.seq_len} tokens per step"),
+        ("hardware", f"{hw.name}: {n_chips} x {hw.device_kind}, mesh {dict(hw.mesh.__dict__)}"),
+        ("method", method),
+        ("HBM per chip", f"{gib(hbm)} of {gib(capacity)}: {plan['verdict']}"),
+        ("FLOPs per step", f"{flops:.3e} ({'compiler' if compiled_ok else '6N + attention'}) vs {flops_6n:.3e} (6N)"),
+        ("step time", f"{step_s:.2f} s at {cfg.plan.mfu:.0%} MFU" if step_s else "unknown (no peak FLOP/s)"),
+        ("tokens/s", f"{plan['tokens_per_s']:,.0f}" if step_s else "unknown"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    log.info("plan written to %s", run_dir / "plan.json")
+    return plan
