@@ -7,6 +7,7 @@ devices) before JAX starts, and `--cfg job` should print a TPU pod's config inst
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,13 +52,13 @@ def _set_host_devices(cfg: DictConfig) -> None:
     if not count:
         return
     flag = f"--xla_force_host_platform_device_count={count}"
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
     if "jax" in sys.modules:
         import jax
 
-        if jax.device_count() < count and cfg.hardware.platform == "cpu":
+        if jax.local_device_count() < count and cfg.hardware.platform == "cpu":
             raise ConfigError(
                 f"hardware.host_device_count={count} but JAX already started with "
                 f"{jax.device_count()} device(s); set XLA_FLAGS={flag} before starting Python"
@@ -73,12 +74,25 @@ def _exit_on_config_error(ex: BaseException) -> None:
     sys.exit(2)
 
 
+def _start_distributed(cfg) -> None:
+    """JAX's multi-controller runtime, when the hardware says the job spans processes."""
+    hw = cfg.hardware
+    if not (hw.distributed or hw.coordinator_address):
+        return
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=hw.coordinator_address, num_processes=hw.num_processes, process_id=hw.process_id
+    )
+
+
 @hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     try:
         _set_host_devices(cfg)
         typed = to_object(cfg)
         validate(typed)
+        _start_distributed(typed)
         run_task(typed, Path(HydraConfig.get().runtime.output_dir))
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         # Exiting here, not in main(): Hydra would log a second line for a failed job.

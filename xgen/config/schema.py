@@ -177,6 +177,13 @@ class HardwareConfig:
     # Virtual CPU devices (sets XLA_FLAGS before JAX starts); None leaves XLA alone.
     host_device_count: Optional[int] = None
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    # Multi-host: start JAX's multi-controller runtime (jax.distributed.initialize). On a TPU
+    # pod or under SLURM it finds its peers from the environment; elsewhere give the
+    # coordinator (host:port), the number of processes and this process's id.
+    distributed: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
     # Logical axis name -> mesh axes; the one table that decides all placement.
     logical_axis_rules: list[Any] = field(default_factory=lambda: [list(r) for r in DEFAULT_AXIS_RULES])
     compute_dtype: str = "float32"  # dtype of matmul inputs; parameters stay float32

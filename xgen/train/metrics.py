@@ -37,13 +37,17 @@ class MetricsLog:
     On resume from step N, records of later steps (logged after that checkpoint, before the
     interruption) are dropped, so each step appears once and the file matches the run."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0, primary: bool = True):
+        """Only the primary process (process 0 of a multi-host job) writes; others are no-ops."""
         self.path = run_dir / "metrics.jsonl"
         self.events_path = run_dir / "events.jsonl"
+        self.primary = primary
+        self._tb = None
+        if not primary:
+            return
         self.path.touch()
         self._file = self.path.open("a", encoding="utf-8")
         self.truncate(resume_step)
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -52,6 +56,8 @@ class MetricsLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.primary:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -61,16 +67,22 @@ class MetricsLog:
 
     def truncate(self, step: int) -> None:
         """Drop records after `step` (a rollback returns there; each step stays logged once)."""
+        if not self.primary:
+            return
         self._file.close()
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a", encoding="utf-8")
 
     def event(self, record: dict[str, Any]) -> None:
+        if not self.primary:
+            return
         with self.events_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        if not self.primary:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -179,7 +179,9 @@ class Trainer:
         batches = data.iterator()
         state = self._restore(mngr, batches)
         start = int(state.step)
-        metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start)
+        metrics_log = MetricsLog(
+            self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=jax.process_index() == 0
+        )
         meta = {"config": dataclasses.asdict(cfg)}
         save = lambda st: checkpoint.save(mngr, int(st.step), st, batches.get_state(), {**meta, "step": int(st.step)})  # noqa: E731
         stop = _SignalFlag(signal.SIGTERM)
@@ -289,7 +291,8 @@ class Trainer:
             "tokens_per_s": trained * cfg.stage.batch_tokens / (time.perf_counter() - train_t0) if trained else None,
             "wall_s": wall,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if jax.process_index() == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if trained:
             log.info(
                 "done: %d steps (%d this run), final loss %.4f, %s tokens/s, wall time %.1f s; run dir %s",
