@@ -287,4 +287,6 @@ class XGenConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     # Root of prepared and raw data; data_mix paths interpolate it.
     data_dir: str = "data"
+    # An earlier run's directory, for tasks that read one (plot).
+    run_dir: Optional[str] = None
     seed: int = 0

@@ -38,7 +38,11 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        # As one 2-D matmul: XLA's CPU backend runs the weight gradient of a [B, T, D] x [D, F]
+        # product 1.5x slower than the same [B*T, D] x [D, F] one (measured).
+        flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.matmul(flat, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nnx.Module):

@@ -14,6 +14,7 @@ TASKS = {
     "prepare": "xgen.tasks.prepare",
     "pretrain_all": "xgen.tasks.pretrain_all",
     "plan": "xgen.tasks.plan",
+    "plot": "xgen.tasks.plot",
 }
 
 
