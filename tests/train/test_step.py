@@ -126,3 +126,12 @@ def test_flops_per_token_is_six_n_plus_attention(make_config):
     n = count_params(cfg) - 51200 * 4096
     assert flops_per_token(cfg, 8192) == 6 * n + 6 * 32 * 8192 * 4096
     assert flops_per_token(cfg, 8192) - flops_per_token(cfg, 2048) == 6 * 32 * (8192 - 2048) * 4096
+
+
+def test_adam_first_moment_can_be_kept_in_bfloat16():
+    params = nnx.state(XGenModel(TINY, rngs=nnx.Rngs(0)), nnx.Param)
+    opt = OptimizerConfig(mu_dtype="bfloat16")
+    state = make_optimizer(opt, lr_schedule(opt, 10)).init(params)
+    adam = state[1][0]
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype("float32")}
