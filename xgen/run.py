@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from xgen.config import ConfigError, register_configs, to_object
 from xgen.config.validate import validate
-from xgen.tasks import run_task
+from xgen.tasks import LOCAL_TASKS, run_task
 
 register_configs()
 
@@ -77,7 +77,7 @@ def _exit_on_config_error(ex: BaseException) -> None:
 def _start_distributed(cfg) -> None:
     """JAX's multi-controller runtime, when the hardware says the job spans processes."""
     hw = cfg.hardware
-    if not (hw.distributed or hw.coordinator_address):
+    if not (hw.distributed or hw.coordinator_address) or cfg.task.name in LOCAL_TASKS:
         return
     import jax
 

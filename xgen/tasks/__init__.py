@@ -18,6 +18,11 @@ TASKS = {
 }
 
 
+# Tasks that never run on the hardware's devices, so they start no multi-host runtime
+# (task=plan compiles for a TPU pod from one machine).
+LOCAL_TASKS = frozenset({"prepare", "plan", "plot"})
+
+
 def run_task(cfg: XGenConfig, run_dir: Path) -> Any:
     """Import and run the task that `cfg.task.name` names; returns the task's result."""
     module = TASKS.get(cfg.task.name)
