@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def _advice(plan: dict, cfg: XGenConfig) -> str:
 
 
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
+    # Planning only compiles; it never claims TPU chips, so it may load libtpu beside another
+    # process that holds libtpu's lock (a training run, a test session).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from xgen.model import count_params
     from xgen.parallel import topology_devices
     from xgen.train.throughput import flops_per_token
