@@ -1,5 +1,5 @@
 """Data: raw readers, `prepare` into shards, document stores, packing, mixtures, the grain loader."""
 
-from xgen.data.loader import DataPipeline, build_dataset, build_pipeline
+from xgen.data.loader import DataPipeline, build_pipeline
 
-__all__ = ["DataPipeline", "build_dataset", "build_pipeline"]
+__all__ = ["DataPipeline", "build_pipeline"]

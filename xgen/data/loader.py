@@ -86,7 +86,3 @@ def build_pipeline(
     read_options = grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=loader.prefetch_batches)
     return DataPipeline(dataset, names, parts, weights, global_batch, read_options)
 
-
-def build_dataset(mix: DataMixConfig, stage: StageConfig, tokenizer: Tokenizer) -> grain.MapDataset:
-    """The single-host dataset: element i is the batch of step i + 1."""
-    return build_pipeline(mix, stage, tokenizer).dataset

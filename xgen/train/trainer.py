@@ -190,17 +190,22 @@ class Trainer:
         window_start = start
         train_t0 = window_t0 = time.perf_counter()
         step = start
+        # The data position of the next batch, counted here rather than read from the iterator
+        # every step (it drifts from the step only when a rollback skips batches).
+        data_index = batches.get_state().get("next_index", 0)
         while step < self.steps:
-            data_index = batches.get_state().get("next_index")
             state, out = compiled(state, self._global_batch(next(batches)))
             step += 1
-            pending.append((step, data_index, out))
+            data_index += 1
+            pending.append((step, data_index - 1, out))
             m = TrainMetrics.single_from_model_output(**out)
             acc = m if acc is None else acc.merge(m)
             if cfg.trainer.spike.policy == "rollback" and bool(out["spike"]):
                 self._events(metrics_log, pending)
                 pending = []
                 state, step = self._rollback(mngr, state, step, metrics_log)
+                # Metrics of the discarded steps leave the window's averages.
+                acc, window_start, window_t0 = None, step, time.perf_counter()
                 continue
             if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stop.raised:
                 self._events(metrics_log, pending)
