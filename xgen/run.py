@@ -41,9 +41,27 @@ def _config_error_line(ex: BaseException) -> str | None:
             parts.append(first)
         seen = seen.__cause__
     line = ": ".join(parts) or type(ex).__name__
+    bad = _unparsable_override() if type(ex).__name__ == "OverrideParseException" else None
+    if bad and bad not in line:
+        line = f"cannot parse override {bad!r} (quote values with spaces or brackets: key='...'): {line}"
     if isinstance(ex, MissingConfigException) and ex.options:
         line += f" (available: {', '.join(sorted(ex.options))})"
     return line
+
+
+def _unparsable_override() -> str | None:
+    """The first command-line override Hydra's grammar rejects (its message may not say)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in sys.argv[1:]:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 - any refusal marks this one
+            return arg
+    return None
 
 
 def _set_host_devices(cfg: DictConfig) -> None:
@@ -100,8 +118,17 @@ def _hydra_entry(cfg: DictConfig) -> None:
         raise
 
 
+def _quiet_closed_loop(unraisable) -> None:
+    """Drop tensorstore's late callbacks into orbax's closed event loop after a refused
+    checkpoint (noise after the one-line error); anything else goes to the default hook."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main() -> None:
     """Console entry point: config mistakes end in one line on stderr and exit code 2."""
+    sys.unraisablehook = _quiet_closed_loop
     # Let composition errors reach us instead of Hydra's multi-line report.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

@@ -72,6 +72,7 @@ def test_command_line_override_beats_a_stage_default():
         ("model.d_modle=5", "d_modle"),
         ("model.n_heads=5", "model.n_heads=5"),
         ("hardware.mesh.tensor=3", "hardware.mesh"),
+        ("prompt=def main():", "'prompt=def main():'"),
     ],
 )
 def test_config_mistakes_fail_in_one_readable_line(override, needle, tmp_path):

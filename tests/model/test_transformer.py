@@ -127,14 +127,15 @@ def test_remat_policies_give_the_same_loss_and_gradients(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", ["xla", "chunked"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_chunked_attention_matches_dense_with_and_without_segments(kv_heads):
-    dense = dataclasses.replace(TINY, n_kv_heads=kv_heads)
-    chunked = dataclasses.replace(dense, attention="chunked", attention_chunk=4)
+def test_attention_kernels_match_dense_with_and_without_segments(kv_heads, kernel):
+    dense = dataclasses.replace(TINY, n_kv_heads=kv_heads, attention="dense")
+    other = dataclasses.replace(dense, attention=kernel, attention_chunk=4)
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
     segments = jnp.array([[1] * 6 + [2] * 10, [1] * 16])
     positions = jnp.array([list(range(6)) + list(range(10)), list(range(16))])
-    a, b = make(dense), make(chunked)
+    a, b = make(dense), make(other)
     np.testing.assert_allclose(np.asarray(a(tokens)), np.asarray(b(tokens)), atol=2e-5)
     np.testing.assert_allclose(
         np.asarray(a(tokens, positions, segments)), np.asarray(b(tokens, positions, segments)), atol=2e-5

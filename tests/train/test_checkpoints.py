@@ -123,3 +123,49 @@ def test_rollback_restores_the_last_checkpoint_and_skips_the_spiky_batches(tmp_p
     assert all(s["data_index"] is not None and not s["update_applied"] for s in spikes)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 14
     assert sorted(metrics(tmp_path)) == list(range(1, 15))  # each step logged once, after the rollbacks
+
+
+def test_imported_parameters_start_training_like_a_reset_optimizer(tmp_path):
+    """A parameters-only checkpoint (what task=import_hf writes) is a valid trainer.init_from:
+    its first step sees the same model and data as continuing the source run's checkpoint
+    with trainer.reset_optimizer=true, so both log the same first loss."""
+    from flax import nnx
+
+    from xgen.generate.load import model_config_of
+    from xgen.model.transformer import XGenModel
+    from xgen.train import checkpoint
+
+    source = tmp_path / "source"
+    source.mkdir()
+    run_task(compose_config(*FAST, "trainer.steps=3"), source)
+    model_cfg = model_config_of(source)
+    abstract = nnx.state(nnx.eval_shape(lambda: XGenModel(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    params = checkpoint.restore_params(source, abstract)
+    checkpoint.save_params(tmp_path / "imported", params, {"config": {"model": model_cfg.__dict__}})
+    assert not checkpoint.has_optimizer_state(tmp_path / "imported") and checkpoint.has_optimizer_state(source)
+
+    runs = {}
+    for name, init in (("from_import", "imported"), ("reset", "source")):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        extra = ("trainer.reset_optimizer=true",) if name == "reset" else ()
+        run_task(compose_config(*FAST, "trainer.steps=2", "trainer.log_every=1", f"trainer.init_from={tmp_path / init}", *extra), run_dir)
+        runs[name] = metrics(run_dir)
+    assert sorted(runs["from_import"]) == [1, 2]  # an import starts at step 0
+    assert sorted(runs["reset"]) == [4, 5]  # a run's checkpoint continues its step count
+    assert runs["from_import"][1][0] == pytest.approx(runs["reset"][4][0], rel=1e-6)
+
+
+def test_a_corrupt_checkpoint_is_refused_in_one_line_and_left_in_place(tmp_path):
+    args = [sys.executable, "-m", "xgen.run", *FAST, "trainer.steps=2", f"hydra.run.dir={tmp_path}"]
+    assert subprocess.run(args, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    state = tmp_path / "checkpoints" / "2" / "state"
+    victims = sorted(p for p in state.rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    assert victims
+    for victim in victims:
+        victim.write_bytes(b"\0garbage" * 64)
+    proc = subprocess.run([*args[:-2], "trainer.steps=4", args[-1]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xgen: config error: checkpoint") and "/2" in lines[0], proc.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "checkpoints" / "4").exists()

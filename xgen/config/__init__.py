@@ -1,6 +1,10 @@
 """Typed configuration: the dataclasses behind `conf/` and their registration with Hydra."""
 
 from xgen.config.schema import (
+    ChatTemplateConfig,
+    GenerateConfig,
+    HFConfig,
+    ServeConfig,
     DataMixConfig,
     HardwareConfig,
     LoaderConfig,
@@ -20,6 +24,10 @@ from xgen.config.schema import (
 from xgen.config.store import ConfigError, register_configs, to_object
 
 __all__ = [
+    "ChatTemplateConfig",
+    "GenerateConfig",
+    "HFConfig",
+    "ServeConfig",
     "ConfigError",
     "DataMixConfig",
     "HardwareConfig",

@@ -42,9 +42,10 @@ class ModelConfig:
     # Rematerialization of each block in the backward pass (memory for compute):
     # none | full (keep only block inputs) | save_dots (keep matmul outputs without batch dims).
     remat: str = "none"
-    # Attention kernel: xla (dense jax.nn.dot_product_attention) | chunked (blocks of
-    # `attention_chunk` queries, recomputed in the backward pass: for long sequences on CPU).
-    attention: str = "xla"
+    # Attention kernel: dense (einsum scores) | xla (jax.nn.dot_product_attention: cuDNN
+    # flash attention on GPUs) | chunked (blocks of `attention_chunk` queries, recomputed in
+    # the backward pass: for long sequences without a fused kernel). See xgen/model/attention.py.
+    attention: str = "dense"
     attention_chunk: int = 1024
 
 
@@ -271,6 +272,61 @@ class PlanConfig:
 
 
 @dataclass
+class HFConfig:
+    """Hugging Face export settings for `task=export_hf` (home: `xgen.hf`)."""
+
+    # Safetensors shard size: export holds about one shard in host memory.
+    max_shard_bytes: int = 2_000_000_000
+
+
+@dataclass
+class ChatTemplateConfig:
+    """How a conversation becomes text: XGen-7B-Inst's format, shared by SFT, `task=chat` and
+    the server so that training and inference never disagree (home: `xgen.generate.chat`).
+
+    A conversation renders as `system` then, per turn, `human.format(content=...)` or
+    `assistant_prefix + content + end`; a prompt for the model ends with `assistant_prefix`."""
+
+    system: str = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.\n\n"
+    )
+    human: str = "### Human: {content}\n"
+    assistant_prefix: str = "### Assistant:"
+    # Appended after every assistant turn in training; the sampler stops on it (end of text).
+    end: str = "<|endoftext|>"
+    # Generation also stops at the next turn's marker.
+    stop: list[str] = field(default_factory=lambda: ["### Human:"])
+
+
+@dataclass
+class GenerateConfig:
+    """Sampler settings for `task=generate|chat|serve` (home: `xgen.generate`)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop: list[str] = field(default_factory=list)  # strings that end a completion (not included)
+    seed: int = 0
+    # Longest prompt + completion the KV cache holds; None: the model's max_positions.
+    max_len: Optional[int] = None
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible HTTP server of `task=serve` (home: `xgen.serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Requests that arrive while a batch runs are batched together, up to this many rows.
+    max_batch: int = 8
+    # How long the batcher waits for more requests before running a batch, in ms.
+    batch_wait_ms: float = 5.0
+    model_name: str = "xgen"
+
+
+@dataclass
 class XGenConfig:
     """The whole run: one field per `conf/` group plus run-wide settings."""
 
@@ -290,3 +346,14 @@ class XGenConfig:
     # An earlier run's directory, for tasks that read one (plot).
     run_dir: Optional[str] = None
     seed: int = 0
+    # Inference and conversion (task=generate|chat|serve|export_hf|import_hf): the model to
+    # load (a run directory, its checkpoints/ folder, or a Hugging Face model directory),
+    # where to write, the Hugging Face directory to import, and a prompt.
+    checkpoint: Optional[str] = None
+    out: Optional[str] = None
+    hf_path: Optional[str] = None
+    prompt: Optional[str] = None
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+    hf: HFConfig = field(default_factory=HFConfig)

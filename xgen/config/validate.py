@@ -10,6 +10,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def validate(cfg: XGenConfig) -> None:
     """Raise ConfigError (one line, naming the keys) for a config that cannot run."""
+    from xgen.model.attention import ATTENTION_KERNELS
     from xgen.tokenizer import n_tokens_of
 
     m, s, hw, t = cfg.model, cfg.stage, cfg.hardware, cfg.trainer
@@ -22,7 +23,7 @@ def validate(cfg: XGenConfig) -> None:
         (s.batch_tokens % s.seq_len == 0, f"stage.batch_tokens={s.batch_tokens} is not a multiple of stage.seq_len={s.seq_len}"),
         (s.batch_tokens >= s.seq_len, f"stage.batch_tokens={s.batch_tokens} is less than one sequence of {s.seq_len}"),
         (m.remat in ("none", "full", "save_dots"), f"model.remat={m.remat!r} is not one of none, full, save_dots"),
-        (m.attention in ("xla", "chunked"), f"model.attention={m.attention!r} is not one of xla, chunked"),
+        (m.attention in ATTENTION_KERNELS, f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}"),
         (hw.compute_dtype in _DTYPES, f"hardware.compute_dtype={hw.compute_dtype!r} is not one of {_DTYPES}"),
         (t.grad_accum_steps > 0, f"trainer.grad_accum_steps={t.grad_accum_steps} must be positive"),
         (cfg.optimizer.mu_dtype in _DTYPES, f"optimizer.mu_dtype={cfg.optimizer.mu_dtype!r} is not one of {_DTYPES}"),

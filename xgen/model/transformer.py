@@ -11,11 +11,32 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from xgen.config import ModelConfig
-from xgen.model.attention import causal_attention
+from xgen.model.attention import causal_attention, masked_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, apply_rope, logical_param, no_constraint, rope_angles
+
+
+@struct.dataclass
+class KVCache:
+    """One layer's keys and values for decoding: [batch, slots, kv_heads, head_dim] buffers
+    allocated once at full length, so a decoding step's cost does not depend on how many
+    tokens came before, apart from attention over the slots.
+
+    New tokens are written at slots `index`..; `allowed` [batch, new tokens, slots] says
+    which slots each new token attends to (causality, and left padding of short prompts)."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array  # int32 scalar: the slot of the first new token
+    allowed: jax.Array  # bool [batch, t, slots]
+
+    def write(self, k: jax.Array, v: jax.Array) -> "KVCache":
+        at = (0, self.index, 0, 0)
+        return self.replace(
+            k=jax.lax.dynamic_update_slice(self.k, k, at), v=jax.lax.dynamic_update_slice(self.v, v, at)
+        )
 
 
 class Attention(nnx.Module):
@@ -35,7 +56,13 @@ class Attention(nnx.Module):
         self.v_proj = Linear(cfg.d_model, self.n_kv_heads * self.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.d_model, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -43,6 +70,11 @@ class Attention(nnx.Module):
         cos, sin = rope_angles(positions, self.head_dim, self.theta)
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        if cache is not None:
+            cache = cache.write(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
+            out = masked_attention(q.astype(self.dtype), cache.k.astype(self.dtype), cache.v.astype(self.dtype), cache.allowed)
+            out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
         out = causal_attention(
             q.astype(self.dtype),
             k.astype(self.dtype),
@@ -80,7 +112,18 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
         self.constrain = constrain
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        if cache is not None:
+            h, cache = self.attn(self.input_norm(x), positions, cache=cache)
+            x = x + h
+            x = x + self.mlp(self.post_attn_norm(x))
+            return self.constrain(x, ("batch", "length", "embed")), cache
         x = x + self.attn(self.input_norm(x), positions, segment_ids)
         x = x + self.mlp(self.post_attn_norm(x))
         return self.constrain(x, ("batch", "length", "embed"))
@@ -130,16 +173,42 @@ class XGenModel(nnx.Module):
     ) -> jax.Array:
         """`segment_ids` (document-masked packing) keep attention inside each document;
         `positions` then restart at 0 in each document."""
+        return self.logits(self.hidden(tokens, positions, segment_ids))
+
+    def hidden(
+        self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """The final normed hidden states [batch, length, d_model], before the output head."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        x = self.constrain(x, ("batch", "length", "embed"))
+        x = self.embed(tokens)
         for layer in self.layers:
             x = self.run_block(layer, x, positions, segment_ids)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, caches: list[KVCache]
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """Hidden states of new tokens [batch, t] that attend to the cached ones and to each
+        other as each layer's `KVCache.allowed` says; returns the caches with them written."""
+        x = self.embed(tokens)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer(x, positions, cache=cache)
+            new_caches.append(cache)
+        return self.norm(x), new_caches
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        return self.constrain(x, ("batch", "length", "embed"))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] of hidden states."""
         if self.lm_head is None:
             w = self.embed_tokens[...].T
-            logits = jnp.matmul(x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
+            flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+            logits = jnp.matmul(flat, w.astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = logits.reshape(*x.shape[:-1], -1)
         else:
             logits = self.lm_head(x)
         return self.constrain(logits, ("batch", "length", "vocab"))

@@ -15,12 +15,17 @@ TASKS = {
     "pretrain_all": "xgen.tasks.pretrain_all",
     "plan": "xgen.tasks.plan",
     "plot": "xgen.tasks.plot",
+    "export_hf": "xgen.tasks.export_hf",
+    "import_hf": "xgen.tasks.import_hf",
+    "generate": "xgen.tasks.generate",
+    "chat": "xgen.tasks.chat",
+    "serve": "xgen.tasks.serve",
 }
 
 
 # Tasks that never run on the hardware's devices, so they start no multi-host runtime
 # (task=plan compiles for a TPU pod from one machine).
-LOCAL_TASKS = frozenset({"prepare", "plan", "plot"})
+LOCAL_TASKS = frozenset({"prepare", "plan", "plot", "export_hf", "import_hf"})
 
 
 def run_task(cfg: XGenConfig, run_dir: Path) -> Any:

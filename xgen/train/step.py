@@ -108,19 +108,18 @@ def train_step(
     is_spike = finite & (state.stats.count >= spike.warmup_steps) & jnp.any(observed > limit)
     apply = finite & ~(is_spike & (spike.policy != "log"))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+    def update(state: TrainState) -> tuple[nnx.State, optax.OptState]:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    # A branch, not a select: the skipped path reads no optimizer state, and the taken one
+    # updates the donated buffers in place (a select would read both copies of everything).
+    params, opt_state = jax.lax.cond(apply, update, lambda s: (s.params, s.opt_state), state)
     healthy = finite & ~is_spike
     stats = jax.tree.map(
         lambda a, b: jnp.where(healthy, a, b), state.stats.update(observed, spike.decay), state.stats
     )
-    new_state = TrainState(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        stats=stats,
-    )
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

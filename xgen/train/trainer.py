@@ -177,7 +177,11 @@ class Trainer:
             self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep, keep_every=cfg.trainer.checkpoints_keep_every
         )
         batches = data.iterator()
-        state = self._restore(mngr, batches)
+        try:
+            state = self._restore(mngr, batches)
+        except BaseException:
+            mngr.close()  # no orbax threads left behind by a refused checkpoint
+            raise
         start = int(state.step)
         metrics_log = MetricsLog(
             self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=jax.process_index() == 0
@@ -250,6 +254,11 @@ class Trainer:
         if self.cfg.trainer.init_from is None:
             return self._init(jax.random.key(self.cfg.seed))
         source = checkpoint.checkpoints_dir(self.cfg.trainer.init_from)
+        if not checkpoint.has_optimizer_state(source):  # imported weights (task=import_hf)
+            params = checkpoint.restore_params(source, self.abstract_state.params)
+            log.info("starting from the parameters in %s, with a fresh optimizer", source)
+            fresh = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
+            return self._init(jax.random.key(self.cfg.seed)).replace(params=params, opt_state=fresh)
         with checkpoint.open_manager(source, read_only=True) as init_mngr:
             state, _, step = checkpoint.restore_latest(init_mngr, self.abstract_state)
         log.info("starting from %s at step %d", source, step)

@@ -1,0 +1,88 @@
+"""task=generate and task=chat from a trained run, through `python -m xgen.run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ("stage.seq_len=32", "stage.batch_tokens=128", "data_mix.sources.python_stdlib.max_documents=20")
+
+
+def xgen_run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xgen.run", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, input=stdin
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained")
+    proc = xgen_run("trainer.steps=3", *FAST, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_generate_prints_the_completion_and_records_it(trained, tmp_path):
+    args = ("task=generate", f"checkpoint={trained}", "prompt='def main():'", "generate.max_new_tokens=6")
+    proc = xgen_run(*args, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert record["prompt"] == "def main():" and len(record["completion_tokens"]) <= 6
+    assert record["settings"]["max_new_tokens"] == 6 and record["settings"]["temperature"] == 0.0
+    assert record["completion"] in proc.stdout
+    # Greedy decoding is reproducible: the same command appends the same completion.
+    again = xgen_run(*args, f"hydra.run.dir={tmp_path}")
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert again.returncode == 0 and len(records) == 2 and records[1] == records[0]
+
+
+def test_generate_without_a_checkpoint_or_with_a_missing_one_says_so_in_one_line(tmp_path):
+    proc = xgen_run("task=generate", "prompt=hi", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "needs checkpoint=" in proc.stderr
+    proc = xgen_run("task=generate", "prompt=hi", f"checkpoint={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_chat_streams_answers_turn_by_turn_until_exit(trained, tmp_path):
+    proc = xgen_run(
+        "task=chat", f"checkpoint={trained}", "generate.max_new_tokens=5", f"hydra.run.dir={tmp_path}",
+        stdin="Hello there\n/reset\nWhat is 2+2?\n/exit\nnever read\n",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(">>> ") == 4  # two questions, /reset, /exit
+
+
+def test_an_exported_run_continues_greedily_in_transformers_as_task_generate_does(trained, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    proc = xgen_run("task=export_hf", f"checkpoint={trained}", f"out={out}", f"hydra.run.dir={tmp_path / 'export'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompt, n = "import os\nimport sys\n\ndef", 12
+    records = []
+    for source in (trained, out):  # the xgen checkpoint, and the exported directory itself
+        run_dir = tmp_path / f"gen_{source.name}"
+        proc = xgen_run(
+            "task=generate", f"checkpoint={source}", f"prompt='{prompt}'", f"generate.max_new_tokens={n}",
+            f"hydra.run.dir={run_dir}",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records.append(json.loads((run_dir / "generations.jsonl").read_text()))
+    assert records[0]["completion_tokens"] == records[1]["completion_tokens"]
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+    theirs = generated[0, ids.shape[1] :].tolist()
+    theirs = theirs[: theirs.index(50256)] if 50256 in theirs else theirs
+    assert theirs == records[0]["completion_tokens"]
+    assert tokenizer.decode(theirs) == records[0]["completion"]

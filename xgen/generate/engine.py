@@ -1,0 +1,318 @@
+"""Batched, KV-cached generation and scoring with a jit-compiled model.
+
+Prompts of different lengths are left-padded into one batch; every row writes its next
+token into the same cache slot, and per-row positions (rotary) and a mask over padding keep
+each row's numbers those of an unpadded run. Buffers are sized once per call (prompt +
+new tokens, rounded up), so each decoding step costs the same wherever it is in the text
+apart from attention over the slots. The host loop between steps checks end-of-text and
+stop strings and streams text; everything else runs on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xgen.config import ModelConfig
+from xgen.generate.sampling import next_tokens
+from xgen.model.transformer import KVCache, XGenModel
+from xgen.tokenizer import Tokenizer
+
+PROMPT_BUCKET = 16  # prompts pad to a multiple of this (fewer compilations)
+SLOT_BUCKET = 128  # cache lengths round up to a multiple of this
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """One request's sampler settings (`generate.*` in the config)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    """What one prompt produced. `tokens` are the completion's ids up to (not including) a
+    stop string's first token or end-of-text; `text` is cut exactly at the stop string."""
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (end-of-text or a stop string) | "length"
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    eos: bool = False  # ended by end-of-text (which is not in `tokens`)
+
+
+@dataclass
+class Scored:
+    """Log-probabilities of each token given the ones before it (None for the first)."""
+
+    tokens: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+class _RowText:
+    """Incremental detokenization of one row: streams text once its UTF-8 is complete and it
+    cannot be the start of a stop string; finds the earliest stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of text already streamed
+        self.text = ""
+        self.stopped = False
+
+    def _decode(self, ids: Sequence[int], final: bool = False) -> str:
+        """Text of `ids`; unless `final`, without a trailing incomplete UTF-8 character."""
+        raw = self.tokenizer.encoding.decode_bytes(list(ids))
+        if not final:
+            raw = raw[: len(raw) - _incomplete_tail(raw)]
+        return raw.decode("utf-8", errors="replace")
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append a token; returns (new text safe to stream, whether a stop string appeared)."""
+        self.ids.append(token)
+        text = self._decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = text[:cut], True
+            return self.flush(), True
+        self.text = text
+        hold = max((k for s in self.stops for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
+        delta = text[self.emitted : max(len(text) - hold, self.emitted)]
+        self.emitted += len(delta)
+        return delta, False
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of generation."""
+        if not self.stopped:
+            self.text = self._decode(self.ids, final=True)
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+    def tokens_before_stop(self) -> list[int]:
+        """The shortest prefix of ids whose text covers `self.text`."""
+        for n in range(len(self.ids) + 1):
+            if len(self._decode(self.ids[:n])) >= len(self.text):
+                return self.ids[:n]
+        return self.ids
+
+
+def _incomplete_tail(raw: bytes) -> int:
+    """Bytes at the end of `raw` that begin a UTF-8 character without finishing it."""
+    for k in range(1, min(4, len(raw) + 1)):
+        byte = raw[-k]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+            return k if need > k else 0
+    return 0
+
+
+class Engine:
+    """A loaded model that completes and scores token sequences (thread-compatible: callers
+    serialize calls, as the server's batcher does)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        params: nnx.State,
+        tokenizer: Tokenizer,
+        *,
+        max_len: int | None = None,
+        dtype=jnp.float32,
+        constrain=None,
+    ):
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        self.max_len = min(max_len or model_cfg.max_positions, model_cfg.max_positions)
+        kw = {} if constrain is None else {"constrain": constrain}
+        abstract = nnx.eval_shape(lambda: XGenModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(0), **kw))
+        self.graphdef = nnx.graphdef(abstract)
+        self.params = params
+        self.head_dim = model_cfg.d_model // model_cfg.n_heads
+        self.n_kv = model_cfg.n_kv_heads or model_cfg.n_heads
+        self.vocab_limit = min(tokenizer.n_tokens, model_cfg.vocab_size)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(4,))
+        self._score = jax.jit(self._score_fn)
+
+    # ---- device functions -------------------------------------------------------------
+
+    def _model(self, params) -> XGenModel:
+        return nnx.merge(self.graphdef, params)
+
+    def _allowed(self, index, t, slots, pad_start):
+        """[B, t, slots]: new token i (at slot index+i) sees slots pad_start..index+i."""
+        slot = jnp.arange(slots)[None, None, :]
+        query = (index + jnp.arange(t))[None, :, None]
+        return (slot <= query) & (slot >= pad_start[:, None, None])
+
+    def _run(self, params, tokens, positions, index, caches, pad_start):
+        t, slots = tokens.shape[1], caches[0][0].shape[1]
+        allowed = self._allowed(index, t, slots, pad_start)
+        layer_caches = [KVCache(k, v, index, allowed) for k, v in caches]
+        model = self._model(params)
+        h, layer_caches = model.decode(tokens, positions, layer_caches)
+        logits = model.logits(h[:, -1:])[:, 0]
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        return logits, [(c.k, c.v) for c in layer_caches]
+
+    def _prefill_fn(self, params, tokens, positions, pad_start, caches, sampling):
+        logits, caches = self._run(params, tokens, positions, jnp.int32(0), caches, pad_start)
+        return next_tokens(logits, *sampling), caches
+
+    def _decode_fn(self, params, tokens, positions, pad_start, caches, sampling, index):
+        logits, caches = self._run(params, tokens, positions, index, caches, pad_start)
+        return next_tokens(logits, *sampling), caches
+
+    def _score_fn(self, params, tokens):
+        logits = self._model(params)(tokens)
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+        top_lp, top_ids = jax.lax.top_k(logprobs, 5)
+        return chosen, top_ids, top_lp
+
+    def _empty_caches(self, batch: int, slots: int):
+        shape = (batch, slots, self.n_kv, self.head_dim)
+        return [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.model_cfg.n_layers)]
+
+    # ---- host API ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: SamplingSettings | Sequence[SamplingSettings] = SamplingSettings(),
+        on_text: Callable[[int, str], None] | None = None,
+        logprobs: int = 0,
+    ) -> list[Completion]:
+        """Complete every prompt (token ids). `on_text(row, text)` streams each row's text as
+        it becomes final; `logprobs` > 0 also returns that many alternatives per token."""
+        if isinstance(settings, SamplingSettings):
+            settings = [settings] * len(prompts)
+        if len(settings) != len(prompts) or not prompts:
+            raise ValueError("generate needs one SamplingSettings per prompt and at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt is empty: give at least one token (e.g. <|endoftext|>)")
+        longest = max(len(p) for p in prompts)
+        max_new = max(s.max_new_tokens for s in settings)
+        if longest + max_new > self.max_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the model's {self.max_len}"
+            )
+        b = len(prompts)
+        p_len = min(_round_up(longest, PROMPT_BUCKET), self.max_len - max_new)
+        slots = min(_round_up(p_len + max_new, SLOT_BUCKET), self.max_len)
+        tokens = np.zeros((b, p_len), np.int32)
+        pad_start = np.array([p_len - len(p) for p in prompts], np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, pad_start[i] :] = p
+        positions = np.maximum(np.arange(p_len)[None, :] - pad_start[:, None], 0).astype(np.int32)
+        seeds = np.array([s.seed for s in settings], np.uint32)
+        temp = np.array([s.temperature for s in settings], np.float32)
+        top_k = np.array([s.top_k for s in settings], np.int32)
+        top_p = np.array([s.top_p for s in settings], np.float32)
+        sampling = lambda step: (seeds, np.int32(step), temp, top_k, top_p)  # noqa: E731
+
+        out = [Completion(prompt_tokens=list(p)) for p in prompts]
+        rows = [_RowText(self.tokenizer, s.stop) for s in settings]
+        done = np.zeros(b, bool)
+        (ids, lp, top_ids, top_lp), caches = self._prefill(
+            self.params, tokens, positions, pad_start, self._empty_caches(b, slots), sampling(0)
+        )
+        for step in range(max_new):
+            ids_h, lp_h, top_ids_h, top_lp_h = jax.device_get((ids, lp, top_ids, top_lp))
+            for r in range(b):
+                if done[r]:
+                    continue
+                token = int(ids_h[r])
+                if token == self.tokenizer.eos_id:
+                    done[r], out[r].finish_reason, out[r].eos = True, "stop", True
+                    continue
+                delta, stopped = rows[r].add(token)
+                out[r].token_logprobs.append(float(lp_h[r]))
+                if logprobs:
+                    out[r].top_logprobs.append(
+                        {int(t): float(v) for t, v in zip(top_ids_h[r][:logprobs], top_lp_h[r][:logprobs])}
+                    )
+                if stopped:
+                    done[r], out[r].finish_reason = True, "stop"
+                elif len(rows[r].ids) >= settings[r].max_new_tokens:
+                    done[r] = True
+                if on_text and delta:
+                    on_text(r, delta)
+            if done.all() or step == max_new - 1:
+                break
+            index = p_len + step
+            (ids, lp, top_ids, top_lp), caches = self._decode(
+                self.params,
+                np.asarray(ids_h, np.int32)[:, None],
+                (index - pad_start)[:, None].astype(np.int32),
+                pad_start,
+                caches,
+                sampling(step + 1),
+                np.int32(index),
+            )
+        for r, c in enumerate(out):
+            rest = rows[r].flush()
+            if on_text and rest:
+                on_text(r, rest)
+            c.text = rows[r].text
+            c.tokens = rows[r].tokens_before_stop() if c.finish_reason == "stop" else list(rows[r].ids)
+            n = len(c.tokens)
+            c.token_logprobs, c.top_logprobs = c.token_logprobs[:n], c.top_logprobs[:n]
+        return out
+
+    def score(self, sequences: Sequence[Sequence[int]], top_logprobs: int = 0) -> list[Scored]:
+        """log P(token_i | tokens_<i) for every token of every sequence (one forward pass;
+        what lm-evaluation-harness's log-likelihood requests need)."""
+        if any(len(s) == 0 for s in sequences):
+            raise ValueError("cannot score an empty sequence")
+        longest = max(len(s) for s in sequences)
+        if longest > self.max_len:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the model's {self.max_len}")
+        width = min(_round_up(longest, PROMPT_BUCKET), self.max_len)
+        tokens = np.zeros((len(sequences), width), np.int32)
+        for i, s in enumerate(sequences):
+            tokens[i, : len(s)] = s  # right padding: later pads cannot change earlier tokens
+        chosen, top_ids, top_lp = jax.device_get(self._score(self.params, tokens))
+        result = []
+        for i, s in enumerate(sequences):
+            n = len(s)
+            lps = [None] + [float(x) for x in chosen[i, : n - 1]]
+            tops = [None] + [
+                {int(t): float(v) for t, v in zip(top_ids[i, j, :top_logprobs], top_lp[i, j, :top_logprobs])}
+                for j in range(n - 1)
+            ] if top_logprobs else [None] * n
+            result.append(Scored(tokens=list(s), token_logprobs=lps, top_logprobs=tops))
+        return result
+
+
+def settings_from_config(gen, **overrides) -> SamplingSettings:
+    """`generate.*` of the config as SamplingSettings."""
+    base = SamplingSettings(
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        stop=tuple(gen.stop),
+        seed=gen.seed,
+    )
+    return dataclasses.replace(base, **overrides)
