@@ -69,6 +69,21 @@ class TorchStep:
 
     def __init__(self, cfg):
         import torch
+
+        torch.manual_seed(0)
+        self.torch = torch
+        self.model = self.hf_model(cfg).train()
+        o = cfg.optimizer
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+        b, t = cfg.stage.batch_tokens // cfg.stage.seq_len, cfg.stage.seq_len
+        tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 50000, (b, t + 1)).astype(np.int64))
+        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+
+    @staticmethod
+    def hf_model(cfg):
+        """A float32 `LlamaForCausalLM` with the shapes of `cfg.model` (random weights)."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
         m = cfg.model
@@ -78,16 +93,7 @@ class TorchStep:
             max_position_embeddings=m.max_positions, rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta,
             tie_word_embeddings=False, attn_implementation="sdpa",
         )  # fmt: skip
-        torch.manual_seed(0)
-        self.torch = torch
-        self.model = LlamaForCausalLM(hf).float().train()
-        o = cfg.optimizer
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-        )
-        b, t = cfg.stage.batch_tokens // cfg.stage.seq_len, cfg.stage.seq_len
-        tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 50000, (b, t + 1)).astype(np.int64))
-        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+        return LlamaForCausalLM(hf).float()
 
     def step(self) -> float:
         torch = self.torch

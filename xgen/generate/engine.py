@@ -21,7 +21,7 @@ from flax import nnx
 
 from xgen.config import ModelConfig
 from xgen.generate.sampling import next_tokens
-from xgen.model.transformer import KVCache, XGenModel
+from xgen.model.transformer import KVCache, XGenModel, write_cache
 from xgen.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 16  # prompts pad to a multiple of this (fewer compilations)
@@ -69,27 +69,37 @@ def _round_up(n: int, to: int) -> int:
 
 class _RowText:
     """Incremental detokenization of one row: streams text once its UTF-8 is complete and it
-    cannot be the start of a stop string; finds the earliest stop string."""
+    cannot be the start of a stop string; finds the earliest stop string. Work per token is
+    the new bytes plus a scan of the text's tail, not the whole text."""
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
         self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
+        self.ends: list[int] = []  # byte length of the text after each token
+        self.raw = bytearray()
+        self.done_chars, self.done_bytes = "", 0  # decoded prefix that ends on a character boundary
         self.emitted = 0  # characters of text already streamed
         self.text = ""
         self.stopped = False
 
-    def _decode(self, ids: Sequence[int], final: bool = False) -> str:
-        """Text of `ids`; unless `final`, without a trailing incomplete UTF-8 character."""
-        raw = self.tokenizer.encoding.decode_bytes(list(ids))
-        if not final:
-            raw = raw[: len(raw) - _incomplete_tail(raw)]
-        return raw.decode("utf-8", errors="replace")
+    def _decode(self, final: bool = False) -> str:
+        """Text so far; unless `final`, without a trailing incomplete UTF-8 character."""
+        end = len(self.raw) if final else len(self.raw) - _incomplete_tail(self.raw)
+        if end > self.done_bytes:
+            self.done_chars += self.raw[self.done_bytes : end].decode("utf-8", errors="replace")
+            self.done_bytes = end
+        return self.done_chars
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; returns (new text safe to stream, whether a stop string appeared)."""
         self.ids.append(token)
-        text = self._decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        self.raw += self.tokenizer.encoding.decode_single_token_bytes(token)
+        self.ends.append(len(self.raw))
+        previous = len(self.text)
+        text = self._decode()
+        start = max(0, previous - self.longest_stop)
+        cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut], True
             return self.flush(), True
@@ -102,16 +112,17 @@ class _RowText:
     def flush(self) -> str:
         """The rest of the text, at the end of generation."""
         if not self.stopped:
-            self.text = self._decode(self.ids, final=True)
+            self.text = self._decode(final=True)
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
 
     def tokens_before_stop(self) -> list[int]:
-        """The shortest prefix of ids whose text covers `self.text`."""
-        for n in range(len(self.ids) + 1):
-            if len(self._decode(self.ids[:n])) >= len(self.text):
-                return self.ids[:n]
+        """The shortest prefix of ids whose bytes cover `self.text`."""
+        need = len(self.text.encode("utf-8"))
+        for n, end in enumerate(self.ends):
+            if end >= need:
+                return self.ids[: n + 1] if need else []
         return self.ids
 
 
@@ -149,8 +160,9 @@ class Engine:
         self.head_dim = model_cfg.d_model // model_cfg.n_heads
         self.n_kv = model_cfg.n_kv_heads or model_cfg.n_heads
         self.vocab_limit = min(tokenizer.n_tokens, model_cfg.vocab_size)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(4,))
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn)
+        self._write = jax.jit(write_cache, donate_argnums=0)
         self._score = jax.jit(self._score_fn)
 
     # ---- device functions -------------------------------------------------------------
@@ -158,29 +170,29 @@ class Engine:
     def _model(self, params) -> XGenModel:
         return nnx.merge(self.graphdef, params)
 
-    def _allowed(self, index, t, slots, pad_start):
-        """[B, t, slots]: new token i (at slot index+i) sees slots pad_start..index+i."""
-        slot = jnp.arange(slots)[None, None, :]
-        query = (index + jnp.arange(t))[None, :, None]
-        return (slot <= query) & (slot >= pad_start[:, None, None])
-
     def _run(self, params, tokens, positions, index, caches, pad_start):
-        t, slots = tokens.shape[1], caches[0][0].shape[1]
-        allowed = self._allowed(index, t, slots, pad_start)
-        layer_caches = [KVCache(k, v, index, allowed) for k, v in caches]
+        """New tokens (at slots index..index+t-1) see earlier slots and each other back to
+        their row's first real token (`pad_start`)."""
+        (b, t), slots = tokens.shape, caches[0][1].shape[2]
+        query = index + jnp.arange(t)
+        first = pad_start[:, None, None]
+        cached = jnp.arange(slots)[None, None, :]
+        allowed_cached = jnp.broadcast_to((cached < index) & (cached >= first), (b, t, slots))
+        allowed_new = (query[None, None, :] <= query[None, :, None]) & (query[None, None, :] >= first)
+        layer_caches = [KVCache(k, v, allowed_cached, allowed_new) for k, v in caches]
         model = self._model(params)
-        h, layer_caches = model.decode(tokens, positions, layer_caches)
+        h, new_kv = model.decode(tokens, positions, layer_caches)
         logits = model.logits(h[:, -1:])[:, 0]
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        return logits, [(c.k, c.v) for c in layer_caches]
+        return logits, new_kv
 
     def _prefill_fn(self, params, tokens, positions, pad_start, caches, sampling):
-        logits, caches = self._run(params, tokens, positions, jnp.int32(0), caches, pad_start)
-        return next_tokens(logits, *sampling), caches
+        logits, new_kv = self._run(params, tokens, positions, jnp.int32(0), caches, pad_start)
+        return next_tokens(logits, *sampling), new_kv
 
     def _decode_fn(self, params, tokens, positions, pad_start, caches, sampling, index):
-        logits, caches = self._run(params, tokens, positions, index, caches, pad_start)
-        return next_tokens(logits, *sampling), caches
+        logits, new_kv = self._run(params, tokens, positions, index, caches, pad_start)
+        return next_tokens(logits, *sampling), new_kv
 
     def _score_fn(self, params, tokens):
         logits = self._model(params)(tokens)
@@ -191,8 +203,9 @@ class Engine:
         return chosen, top_ids, top_lp
 
     def _empty_caches(self, batch: int, slots: int):
-        shape = (batch, slots, self.n_kv, self.head_dim)
-        return [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.model_cfg.n_layers)]
+        k_shape = (batch, self.n_kv, self.head_dim, slots)  # keys transposed (see KVCache)
+        v_shape = (batch, self.n_kv, slots, self.head_dim)
+        return [(jnp.zeros(k_shape, jnp.float32), jnp.zeros(v_shape, jnp.float32)) for _ in range(self.model_cfg.n_layers)]
 
     # ---- host API ---------------------------------------------------------------------
 
@@ -234,9 +247,9 @@ class Engine:
         out = [Completion(prompt_tokens=list(p)) for p in prompts]
         rows = [_RowText(self.tokenizer, s.stop) for s in settings]
         done = np.zeros(b, bool)
-        (ids, lp, top_ids, top_lp), caches = self._prefill(
-            self.params, tokens, positions, pad_start, self._empty_caches(b, slots), sampling(0)
-        )
+        caches = self._empty_caches(b, slots)
+        (ids, lp, top_ids, top_lp), new_kv = self._prefill(self.params, tokens, positions, pad_start, caches, sampling(0))
+        caches = self._write(caches, new_kv, np.int32(0))
         for step in range(max_new):
             ids_h, lp_h, top_ids_h, top_lp_h = jax.device_get((ids, lp, top_ids, top_lp))
             for r in range(b):
@@ -261,7 +274,7 @@ class Engine:
             if done.all() or step == max_new - 1:
                 break
             index = p_len + step
-            (ids, lp, top_ids, top_lp), caches = self._decode(
+            (ids, lp, top_ids, top_lp), new_kv = self._decode(
                 self.params,
                 np.asarray(ids_h, np.int32)[:, None],
                 (index - pad_start)[:, None].astype(np.int32),
@@ -270,6 +283,7 @@ class Engine:
                 sampling(step + 1),
                 np.int32(index),
             )
+            caches = self._write(caches, new_kv, np.int32(index))
         for r, c in enumerate(out):
             rest = rows[r].flush()
             if on_text and rest:

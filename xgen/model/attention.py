@@ -55,6 +55,39 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
     return out.reshape(b, tq, h, d).astype(q.dtype)
 
 
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_cache_t: jax.Array,
+    v_cache: jax.Array,
+    allowed_cached: jax.Array,
+    allowed_new: jax.Array,
+) -> jax.Array:
+    """Attention of new tokens over the cache as it was before them plus over themselves.
+
+    q [B, t, H, D] and the new k, v [B, t, KV, D]; the cache holds keys transposed
+    [B, KV, D, slots] and values [B, KV, slots, D], so both products are plain matmuls per
+    head; `allowed_cached` [B, t, slots] and `allowed_new` [B, t, t] mask them. Reading the
+    cache before this step's write (not after) lets XLA update it in place: reading the
+    written cache makes it copy every layer's keys and values at every step."""
+    b, tq, h, d = q.shape
+    kv = k.shape[2]
+    r = h // kv
+    heads_first = lambda x: x.reshape(b, tq, kv, r, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, r * tq, d)  # noqa: E731
+    q = heads_first(q * jnp.asarray(d**-0.5, q.dtype))
+    old = jnp.einsum("bgqd,bgdk->bgqk", q, k_cache_t, preferred_element_type=jnp.float32)
+    new = jnp.einsum("bgqd,bkgd->bgqk", q, k, preferred_element_type=jnp.float32)
+    allowed = jnp.concatenate([allowed_cached, allowed_new], axis=-1)[:, None, None]  # [B, 1, 1, t, S + t]
+    scores = jnp.concatenate([old, new], axis=-1).reshape(b, kv, r, tq, -1)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min).reshape(b, kv, r * tq, -1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    slots = v_cache.shape[2]
+    out = jnp.einsum("bgqk,bgkd->bgqd", probs[..., :slots], v_cache, preferred_element_type=jnp.float32)
+    out += jnp.einsum("bgqk,bkgd->bgqd", probs[..., slots:], v, preferred_element_type=jnp.float32)
+    return out.reshape(b, kv, r, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d).astype(q.dtype)
+
+
 def _chunked(q, k, v, segment_ids, chunk):
     b, t, h, d = q.shape
     n = t // chunk

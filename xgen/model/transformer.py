@@ -14,29 +14,38 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from xgen.config import ModelConfig
-from xgen.model.attention import causal_attention, masked_attention
+from xgen.model.attention import cached_attention, causal_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, apply_rope, logical_param, no_constraint, rope_angles
 
 
 @struct.dataclass
 class KVCache:
-    """One layer's keys and values for decoding: [batch, slots, kv_heads, head_dim] buffers
-    allocated once at full length, so a decoding step's cost does not depend on how many
-    tokens came before, apart from attention over the slots.
+    """One layer's keys and values for decoding, allocated once at full length, so a
+    decoding step's cost does not depend on how many tokens came before, apart from
+    attention over the slots. Keys are stored transposed, [batch, kv_heads, head_dim,
+    slots], values [batch, kv_heads, slots, head_dim]: the layouts the two attention
+    products read without copying (see `cached_attention`).
 
-    New tokens are written at slots `index`..; `allowed` [batch, new tokens, slots] says
-    which slots each new token attends to (causality, and left padding of short prompts)."""
+    A step's new tokens attend to the cached slots that `allowed_cached` [batch, t, slots]
+    allows and to each other as `allowed_new` [batch, t, t] allows (causality, and the left
+    padding of short prompts). The step returns their keys and values; `write_cache` stores
+    them in a separate, donated update, so XLA never copies a cache it reads."""
 
     k: jax.Array
     v: jax.Array
-    index: jax.Array  # int32 scalar: the slot of the first new token
-    allowed: jax.Array  # bool [batch, t, slots]
+    allowed_cached: jax.Array  # bool [batch, t, slots]
+    allowed_new: jax.Array  # bool [batch, t, t]
 
-    def write(self, k: jax.Array, v: jax.Array) -> "KVCache":
-        at = (0, self.index, 0, 0)
-        return self.replace(
-            k=jax.lax.dynamic_update_slice(self.k, k, at), v=jax.lax.dynamic_update_slice(self.v, v, at)
-        )
+
+NewKV = tuple[jax.Array, jax.Array]  # a step's keys [B, KV, D, t] and values [B, KV, t, D]
+
+
+def write_cache(caches: list[tuple[jax.Array, jax.Array]], new: list[NewKV], index: jax.Array):
+    """Every layer's cache with a step's keys and values stored at slots `index`..."""
+    return [
+        (jax.lax.dynamic_update_slice(k, nk, (0, 0, 0, index)), jax.lax.dynamic_update_slice(v, nv, (0, 0, index, 0)))
+        for (k, v), (nk, nv) in zip(caches, new)
+    ]
 
 
 class Attention(nnx.Module):
@@ -62,7 +71,7 @@ class Attention(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    ) -> jax.Array | tuple[jax.Array, NewKV]:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -71,10 +80,13 @@ class Attention(nnx.Module):
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         if cache is not None:
-            cache = cache.write(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
-            out = masked_attention(q.astype(self.dtype), cache.k.astype(self.dtype), cache.v.astype(self.dtype), cache.allowed)
+            out = cached_attention(
+                q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                cache.k.astype(self.dtype), cache.v.astype(self.dtype), cache.allowed_cached, cache.allowed_new,
+            )  # fmt: skip
+            new = (k.astype(cache.k.dtype).transpose(0, 2, 3, 1), v.astype(cache.v.dtype).swapaxes(1, 2))
             out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), new
         out = causal_attention(
             q.astype(self.dtype),
             k.astype(self.dtype),
@@ -118,12 +130,12 @@ class Block(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    ) -> jax.Array | tuple[jax.Array, NewKV]:
         if cache is not None:
-            h, cache = self.attn(self.input_norm(x), positions, cache=cache)
+            h, new = self.attn(self.input_norm(x), positions, cache=cache)
             x = x + h
             x = x + self.mlp(self.post_attn_norm(x))
-            return self.constrain(x, ("batch", "length", "embed")), cache
+            return self.constrain(x, ("batch", "length", "embed")), new
         x = x + self.attn(self.input_norm(x), positions, segment_ids)
         x = x + self.mlp(self.post_attn_norm(x))
         return self.constrain(x, ("batch", "length", "embed"))
@@ -188,15 +200,15 @@ class XGenModel(nnx.Module):
 
     def decode(
         self, tokens: jax.Array, positions: jax.Array, caches: list[KVCache]
-    ) -> tuple[jax.Array, list[KVCache]]:
+    ) -> tuple[jax.Array, list[NewKV]]:
         """Hidden states of new tokens [batch, t] that attend to the cached ones and to each
-        other as each layer's `KVCache.allowed` says; returns the caches with them written."""
+        other as each layer's KVCache allows; also their keys and values, for `write_cache`."""
         x = self.embed(tokens)
-        new_caches = []
+        new_kv = []
         for layer, cache in zip(self.layers, caches):
-            x, cache = layer(x, positions, cache=cache)
-            new_caches.append(cache)
-        return self.norm(x), new_caches
+            x, new = layer(x, positions, cache=cache)
+            new_kv.append(new)
+        return self.norm(x), new_kv
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
