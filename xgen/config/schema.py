@@ -227,6 +227,9 @@ class TrainerConfig:
     init_from: Optional[str] = None
     # With init_from: start the optimizer state afresh (the step count still continues).
     reset_optimizer: bool = False
+    # Take only the parameters from init_from: a fresh optimizer and step 0 (fine-tuning;
+    # MaxText's load_parameters_path). Parameters-only checkpoints (import_hf) always do.
+    init_params_only: bool = False
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_to_keep: int = 3
@@ -269,6 +272,38 @@ class PlanConfig:
     """`task=plan`: the MFU at which step time and throughput are projected."""
 
     mfu: float = 0.45
+
+
+@dataclass
+class SFTSourceConfig:
+    """One instruction dataset on local disk (home: `xgen.sft.formats`)."""
+
+    # alpaca (instruction/input/output) | sharegpt (conversations from/value) | oasst
+    # (message trees: the highest-ranked path) | dolly (instruction/context/response) |
+    # baize ([|Human|]/[|AI|] dialogues) | scrolls (input/output long-document tasks)
+    format: str = MISSING
+    paths: list[str] = field(default_factory=list)  # files or globs: .json, .jsonl(.gz), .parquet
+    # Keep only conversations of at least this many tokens (SCROLLS: 4,000 in the report).
+    min_tokens: int = 0
+    # Sample this many of the kept conversations (seeded); None: all.
+    max_examples: Optional[int] = None
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning data and its packing (group `sft/`, home: `xgen.sft`)."""
+
+    name: str = MISSING
+    sources: dict[str, SFTSourceConfig] = field(default_factory=dict)
+    # pack: several conversations per sequence, attention kept inside each (segment ids and
+    # positions); pad: one conversation per sequence.
+    packing: str = "pack"
+    # Prepend `chat_template.system` to conversations that bring no system message.
+    system_header: bool = True
+    epochs: float = 3.0
+    seed: int = 0
+    # Conversations held out (seeded) to measure the loss on unseen response tokens.
+    heldout: int = 0
 
 
 @dataclass
@@ -357,3 +392,4 @@ class XGenConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
     hf: HFConfig = field(default_factory=HFConfig)
+    sft: Optional[SFTConfig] = None

@@ -19,6 +19,7 @@ TASKS = {
     "import_hf": "xgen.tasks.import_hf",
     "generate": "xgen.tasks.generate",
     "chat": "xgen.tasks.chat",
+    "sft": "xgen.tasks.sft",
     "serve": "xgen.tasks.serve",
 }
 

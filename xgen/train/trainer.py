@@ -68,7 +68,12 @@ def first_step(cfg: XGenConfig, run_dir: Path) -> int:
     step = checkpoint.latest_step(checkpoint.checkpoints_dir(cfg.trainer.init_from))
     if step is None:
         raise ConfigError(f"trainer.init_from={cfg.trainer.init_from}: no complete checkpoint there")
-    return step
+    return 0 if _params_only(cfg) else step
+
+
+def _params_only(cfg: XGenConfig) -> bool:
+    """Whether init_from contributes parameters alone (fresh optimizer, step 0)."""
+    return cfg.trainer.init_params_only or not checkpoint.has_optimizer_state(cfg.trainer.init_from)
 
 
 class _SignalFlag:
@@ -254,7 +259,7 @@ class Trainer:
         if self.cfg.trainer.init_from is None:
             return self._init(jax.random.key(self.cfg.seed))
         source = checkpoint.checkpoints_dir(self.cfg.trainer.init_from)
-        if not checkpoint.has_optimizer_state(source):  # imported weights (task=import_hf)
+        if _params_only(self.cfg):  # fine-tuning, or imported weights (task=import_hf)
             params = checkpoint.restore_params(source, self.abstract_state.params)
             log.info("starting from the parameters in %s, with a fresh optimizer", source)
             fresh = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)

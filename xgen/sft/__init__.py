@@ -1,0 +1,3 @@
+"""Supervised fine-tuning (the report's Section 4): instruction datasets → conversations."""
+
+from xgen.sft.formats import Conversation, Turn, load_source

@@ -1,0 +1,37 @@
+"""The loss on held-out response tokens: how much of the instruction data a model learned
+beyond what the base model already knew."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xgen.config import ModelConfig
+from xgen.model.transformer import XGenModel
+from xgen.sft.packing import Rows, to_model_batch
+from xgen.train.step import loss_fn
+
+
+def response_loss(model_cfg: ModelConfig, params: nnx.State, rows: Rows, batch_size: int = 8) -> float:
+    """Mean cross-entropy over every trained target token of `rows` (all rows weigh by
+    their trained tokens, not equally)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: XGenModel(model_cfg, rngs=nnx.Rngs(0))))
+
+    @jax.jit
+    def summed(params, batch):
+        n = batch["loss_mask"].sum()
+        return loss_fn(params, graphdef, batch) * n, n
+
+    total, count = 0.0, 0.0
+    for start in range(0, len(rows), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(rows)))
+        idx = np.pad(idx, (0, batch_size - len(idx)), constant_values=idx[-1])  # one shape
+        batch = to_model_batch(rows[idx])
+        weight = np.zeros(batch_size, np.int32)
+        weight[: min(batch_size, len(rows) - start)] = 1
+        batch["loss_mask"] = batch["loss_mask"] * weight[:, None]
+        s, n = summed(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
