@@ -1,6 +1,7 @@
 """Typed configuration: the dataclasses behind `conf/` and their registration with Hydra."""
 
 from xgen.config.schema import (
+    CarbonConfig,
     ChatTemplateConfig,
     GenerateConfig,
     HFConfig,
@@ -26,6 +27,7 @@ from xgen.config.schema import (
 from xgen.config.store import ConfigError, register_configs, to_object
 
 __all__ = [
+    "CarbonConfig",
     "ChatTemplateConfig",
     "GenerateConfig",
     "HFConfig",

@@ -307,6 +307,21 @@ class SFTConfig:
 
 
 @dataclass
+class CarbonConfig:
+    """`task=carbon`: energy and emissions of a run (the report's Section 6; home: `xgen.tasks.carbon`)."""
+
+    # Chip-hours; None: measured from `run_dir` (summary.json wall time x chips), or planned
+    # from its plan.json (tokens / tokens per second x chips).
+    chip_hours: Optional[float] = None
+    chip_power_w: Optional[float] = None  # None: hardware.chip_power_w
+    pue: Optional[float] = None  # None: hardware.pue
+    # Grid carbon intensity in tCO2eq per MWh (the report's figure).
+    tco2_per_mwh: float = 0.079
+    # Tokens to train, for an estimate from plan.json; None: the stage's token budget.
+    tokens: Optional[int] = None
+
+
+@dataclass
 class HFConfig:
     """Hugging Face export settings for `task=export_hf` (home: `xgen.hf`)."""
 
@@ -393,3 +408,4 @@ class XGenConfig:
     chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     sft: Optional[SFTConfig] = None
+    carbon: CarbonConfig = field(default_factory=CarbonConfig)

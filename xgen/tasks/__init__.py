@@ -21,12 +21,13 @@ TASKS = {
     "chat": "xgen.tasks.chat",
     "sft": "xgen.tasks.sft",
     "serve": "xgen.tasks.serve",
+    "carbon": "xgen.tasks.carbon",
 }
 
 
 # Tasks that never run on the hardware's devices, so they start no multi-host runtime
 # (task=plan compiles for a TPU pod from one machine).
-LOCAL_TASKS = frozenset({"prepare", "plan", "plot", "export_hf", "import_hf"})
+LOCAL_TASKS = frozenset({"prepare", "plan", "plot", "export_hf", "import_hf", "carbon"})
 
 
 def run_task(cfg: XGenConfig, run_dir: Path) -> Any:
