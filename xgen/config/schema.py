@@ -307,6 +307,18 @@ class SFTConfig:
 
 
 @dataclass
+class EvalConfig:
+    """A benchmark for `task=eval` (group `eval/`, home: `xgen.eval`)."""
+
+    name: str = MISSING
+    kind: str = MISSING  # "mmlu"
+    shots: int = 5
+    data_path: str = "${data_dir}/mmlu"
+    batch_size: int = 8  # sequences per scoring call
+    max_questions: Optional[int] = None  # per subject, for quick runs
+
+
+@dataclass
 class CarbonConfig:
     """`task=carbon`: energy and emissions of a run (the report's Section 6; home: `xgen.tasks.carbon`)."""
 
@@ -408,4 +420,5 @@ class XGenConfig:
     chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     sft: Optional[SFTConfig] = None
+    eval: Optional[EvalConfig] = None
     carbon: CarbonConfig = field(default_factory=CarbonConfig)

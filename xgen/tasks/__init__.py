@@ -22,6 +22,7 @@ TASKS = {
     "sft": "xgen.tasks.sft",
     "serve": "xgen.tasks.serve",
     "carbon": "xgen.tasks.carbon",
+    "eval": "xgen.tasks.eval",
 }
 
 

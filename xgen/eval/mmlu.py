@@ -1,0 +1,263 @@
+"""MMLU exactly as Hendrycks et al.'s evaluate.py runs it, so numbers compare with Table 4/5.
+
+The prompt is the original's, character for character (including `format_subject`'s leading
+space); the k shots are the subject's first k dev rows, dropped one at a time while the prompt
+does not fit; the prediction is the letter among " A".." D" with the highest next-token
+log-probability. Accuracy is reported per subject, per category (the MMLU repo's
+categories.py) and as the average over all questions, each weighing one.
+
+The model is behind `predict(items) -> letters`, so aggregation is testable without one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from xgen.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LETTERS = ("A", "B", "C", "D")
+
+# MMLU repo's categories.py: subject -> subcategory, subcategory -> category.
+SUBCATEGORIES = {
+    "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
+    "clinical_knowledge": "health", "college_biology": "biology", "college_chemistry": "chemistry",
+    "college_computer_science": "computer science", "college_mathematics": "math", "college_medicine": "health",
+    "college_physics": "physics", "computer_security": "computer science", "conceptual_physics": "physics",
+    "econometrics": "economics", "electrical_engineering": "engineering", "elementary_mathematics": "math",
+    "formal_logic": "philosophy", "global_facts": "other", "high_school_biology": "biology",
+    "high_school_chemistry": "chemistry", "high_school_computer_science": "computer science",
+    "high_school_european_history": "history", "high_school_geography": "geography",
+    "high_school_government_and_politics": "politics", "high_school_macroeconomics": "economics",
+    "high_school_mathematics": "math", "high_school_microeconomics": "economics", "high_school_physics": "physics",
+    "high_school_psychology": "psychology", "high_school_statistics": "math", "high_school_us_history": "history",
+    "high_school_world_history": "history", "human_aging": "health", "human_sexuality": "culture",
+    "international_law": "law", "jurisprudence": "law", "logical_fallacies": "philosophy",
+    "machine_learning": "computer science", "management": "business", "marketing": "business",
+    "medical_genetics": "health", "miscellaneous": "other", "moral_disputes": "philosophy",
+    "moral_scenarios": "philosophy", "nutrition": "health", "philosophy": "philosophy", "prehistory": "history",
+    "professional_accounting": "other", "professional_law": "law", "professional_medicine": "health",
+    "professional_psychology": "psychology", "public_relations": "politics", "security_studies": "politics",
+    "sociology": "culture", "us_foreign_policy": "politics", "virology": "health", "world_religions": "philosophy",
+}  # fmt: skip
+CATEGORIES = {
+    "STEM": ("physics", "chemistry", "biology", "computer science", "math", "engineering"),
+    "humanities": ("history", "philosophy", "law"),
+    "social sciences": ("politics", "culture", "economics", "geography", "psychology"),
+    "other (business, health, misc.)": ("other", "business", "health"),
+}
+# Table 4's column order and headings.
+TABLE_COLUMNS = (
+    ("humanities", "Humanities"),
+    ("STEM", "STEM"),
+    ("social sciences", "Social Sciences"),
+    ("other (business, health, misc.)", "Other"),
+)
+
+
+def category_of(subject: str) -> str | None:
+    sub = SUBCATEGORIES.get(subject)
+    return next((c for c, subs in CATEGORIES.items() if sub in subs), None)
+
+
+# ---- data and prompts -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str  # "A".."D"
+
+
+@dataclass
+class Item:
+    """One test question ready for the model: its prompt's text and tokens, and the truth."""
+
+    subject: str
+    prompt: str
+    ids: list[int]
+    answer: str
+    shots: int  # examples that fitted
+
+
+def read_split(data_path: str | Path, split: str, subject: str) -> list[Question]:
+    path = Path(data_path) / split / f"{subject}_{split}.csv"
+    if not path.is_file():
+        raise ConfigError(f"MMLU: {subject}'s {split} split not found: expected {path} (eval.data_path={data_path})")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    bad = next((i for i, r in enumerate(rows) if len(r) != 6 or r[5].strip() not in LETTERS), None)
+    if bad is not None:
+        raise ConfigError(f"MMLU: {path} row {bad + 1} is not question,A,B,C,D,answer-letter")
+    return [Question(r[0], (r[1], r[2], r[3], r[4]), r[5].strip()) for r in rows]
+
+
+def subjects_in(data_path: str | Path) -> list[str]:
+    """Every subject with a test file, sorted (the original's order)."""
+    test = Path(data_path) / "test"
+    if not test.is_dir():
+        raise ConfigError(f"MMLU: no test/ directory: expected {test} holding <subject>_test.csv (eval.data_path)")
+    subjects = sorted(p.name[: -len("_test.csv")] for p in test.glob("*_test.csv"))
+    if not subjects:
+        raise ConfigError(f"MMLU: no <subject>_test.csv files in {test}")
+    return subjects
+
+
+def format_subject(subject: str) -> str:
+    """The original's: every word prefixed by a space (so the header has exactly one)."""
+    return "".join(" " + word for word in subject.split("_"))
+
+
+def format_example(q: Question, include_answer: bool = True) -> str:
+    text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))
+    text += "\nAnswer:"
+    return text + (f" {q.answer}\n\n" if include_answer else "")
+
+
+def gen_prompt(dev: Sequence[Question], subject: str, k: int) -> str:
+    header = f"The following are multiple choice questions (with answers) about{format_subject(subject)}.\n\n"
+    return header + "".join(format_example(q) for q in dev[:k])
+
+
+def build_item(tokenizer, max_tokens: int, subject: str, dev: Sequence[Question], q: Question, k: int) -> Item:
+    """The k-shot prompt, with k lowered while it exceeds `max_tokens` (the original's loop);
+    if even zero shots do not fit, the prompt keeps its last `max_tokens` tokens."""
+    end = format_example(q, include_answer=False)
+    k = min(k, len(dev))
+    while True:
+        prompt = gen_prompt(dev, subject, k) + end
+        ids = tokenizer.encode(prompt)
+        if len(ids) <= max_tokens or k == 0:
+            break
+        k -= 1
+    return Item(subject, prompt, ids[-max_tokens:], q.answer, k)
+
+
+# ---- prediction -------------------------------------------------------------------------
+
+Predictor = Callable[[Sequence[Item]], list[str]]
+
+
+class EnginePredictor:
+    """Scores `prompt + letter` for the four letters (the log-prob of the last token is the
+    letter's next-token log-prob after the prompt); `batch_size` sequences per call."""
+
+    def __init__(self, engine, batch_size: int = 8):
+        self.engine, self.batch_size = engine, max(1, batch_size)
+        self.letter_ids = []
+        for letter in LETTERS:
+            ids = engine.tokenizer.encode(" " + letter)
+            assert len(ids) == 1, f"' {letter}' is {len(ids)} tokens in this tokenizer, not one"
+            self.letter_ids.append(ids[0])
+
+    def letter_logprobs(self, items: Sequence[Item]) -> list[list[float]]:
+        """log P(" A".." D" | prompt) for each item."""
+        sequences = [it.ids + [t] for it in items for t in self.letter_ids]
+        flat = []
+        for i in range(0, len(sequences), self.batch_size):
+            flat += [s.token_logprobs[-1] for s in self.engine.score(sequences[i : i + self.batch_size])]
+        return [flat[4 * n : 4 * n + 4] for n in range(len(items))]
+
+    def __call__(self, items: Sequence[Item]) -> list[str]:
+        return [LETTERS[max(range(4), key=lp.__getitem__)] for lp in self.letter_logprobs(items)]
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+def summarize(per_subject: dict[str, dict]) -> dict:
+    """Per-category and overall accuracy, each question weighing one."""
+    totals: dict[str, list[int]] = {c: [0, 0] for c in CATEGORIES}
+    for subject, r in per_subject.items():
+        cat = category_of(subject)
+        if cat is not None:
+            totals[cat][0] += r["correct"]
+            totals[cat][1] += r["questions"]
+    correct = sum(r["correct"] for r in per_subject.values())
+    questions = sum(r["questions"] for r in per_subject.values())
+    return {
+        "categories": {c: {"correct": k, "questions": n, "accuracy": k / n} for c, (k, n) in totals.items() if n},
+        "correct": correct,
+        "questions": questions,
+        "average": correct / questions if questions else 0.0,
+    }
+
+
+def _read_partial(path: Path | None, key: dict) -> dict[str, dict]:
+    """Subjects already finished in this run dir with the same settings (resume)."""
+    done: dict[str, dict] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else None
+            if record and all(record.get(k) == v for k, v in key.items()):
+                done[record["subject"]] = record
+    return done
+
+
+def evaluate(
+    data_path: str | Path,
+    tokenizer,
+    max_tokens: int,
+    predict: Predictor,
+    *,
+    shots: int = 5,
+    max_questions: int | None = None,
+    chunk: int = 8,
+    partial_path: Path | None = None,
+    subjects: Sequence[str] | None = None,
+) -> dict:
+    """Run every subject under `data_path`; `max_tokens` bounds a prompt (the engine's
+    max_len - 1: the letter takes the last slot). Finished subjects go to `partial_path` as
+    they complete and are skipped when it already holds them."""
+    subjects = list(subjects or subjects_in(data_path))
+    key = {"shots": shots, "max_questions": max_questions}
+    per_subject = {s: r for s, r in _read_partial(partial_path, key).items() if s in subjects}
+    if per_subject:
+        log.info("mmlu: resuming, %d subject(s) already done in %s", len(per_subject), partial_path)
+    todo = {}
+    for s in subjects:
+        if s not in per_subject:
+            dev = read_split(data_path, "dev", s) if shots > 0 else []
+            todo[s] = (dev, read_split(data_path, "test", s)[:max_questions])
+    total, done, start = sum(len(t) for _, t in todo.values()), 0, time.time()
+    for subject, (dev, test) in todo.items():
+        items = [build_item(tokenizer, max_tokens, subject, dev, q, shots) for q in test]
+        predicted = []
+        for i in range(0, len(items), chunk):
+            predicted += predict(items[i : i + chunk])
+            done += len(items[i : i + chunk])
+            rate = done / max(time.time() - start, 1e-9)
+            log.info("mmlu: %d/%d questions (%s), ETA %.0f s", done, total, subject, (total - done) / rate)
+        correct = sum(p == it.answer for p, it in zip(predicted, items))
+        record = {
+            "subject": subject,
+            "category": category_of(subject),
+            "correct": correct,
+            "questions": len(items),
+            "accuracy": correct / len(items) if items else 0.0,
+            "min_shots": min((it.shots for it in items), default=shots),
+            **key,
+        }
+        per_subject[subject] = record
+        if partial_path is not None:
+            with open(partial_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    per_subject = {s: per_subject[s] for s in subjects}
+    return {"shots": shots, "max_questions": max_questions, "subjects": per_subject, **summarize(per_subject)}
+
+
+def markdown_table(result: dict, model: str = "model") -> str:
+    """Laid out like the report's Table 4 (accuracy in %)."""
+    cats = result["categories"]
+    cells = [f"{100 * cats[c]['accuracy']:.1f}" if c in cats else "-" for c, _ in TABLE_COLUMNS]
+    head = ["Models", *(title for _, title in TABLE_COLUMNS), "Weighted average"]
+    rows = [head, ["---"] * len(head), [model, *cells, f"{100 * result['average']:.1f}"]]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
