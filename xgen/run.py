@@ -64,6 +64,13 @@ def _unparsable_override() -> str | None:
     return None
 
 
+def _cpu_only_backend(cfg: DictConfig) -> None:
+    """On CPU hardware, keep JAX from probing other backends: with libtpu installed (the
+    `tpu` extra, for task=plan) every start on a CPU machine would print TPU warnings."""
+    if cfg.hardware.get("platform") == "cpu" and "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def _set_host_devices(cfg: DictConfig) -> None:
     """Ask XLA for N virtual CPU devices; only effective before JAX is first imported."""
     count = cfg.hardware.get("host_device_count")
@@ -107,6 +114,7 @@ def _start_distributed(cfg) -> None:
 @hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     try:
+        _cpu_only_backend(cfg)
         _set_host_devices(cfg)
         typed = to_object(cfg)
         validate(typed)
