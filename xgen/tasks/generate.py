@@ -1,6 +1,6 @@
 """task=generate: complete one prompt with a trained (or imported) model.
 
-    python -m xgen.run task=generate checkpoint=outputs/pretrain/<time> prompt="def fib(n):" \
+    python -m xgen.run task=generate checkpoint=outputs/pretrain/<time> "prompt='def fib(n):'" \
         generate.max_new_tokens=64 generate.temperature=0
 
 Prints the completion and appends a record (prompt, completion, its token ids, the sampler
@@ -20,7 +20,7 @@ from xgen.generate.load import load_engine
 
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
     if cfg.prompt is None:
-        raise ConfigError('task=generate needs prompt="..."')
+        raise ConfigError("task=generate needs \"prompt='...'\" (Hydra's quotes inside the shell's)")
     engine = load_engine(cfg)
     settings = settings_from_config(cfg.generate)
     prompt_ids = engine.tokenizer.encode(cfg.prompt)
