@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -318,10 +320,18 @@ def export_checkpoint(
         restored = ckpt.restore_params(checkpoint, item)
         return {s.hf_name: to_hf(s, get_path(restored, keys[s.path])) for s in shard}
 
-    write_weights(out, tensor_specs(cfg), fetch, max_shard_bytes)
+    # Written beside `out` and moved in when complete, config.json last: a failed export
+    # leaves no half a model that would load (or be refused as "already holds a model").
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    write_weights(staging, tensor_specs(cfg), fetch, max_shard_bytes)
     tokenizer_name = (meta["config"].get("tokenizer") or {}).get("name", "xgen")
     tokenizer = tokenizer_name == "xgen" and cfg.vocab_size >= XGEN_N_TOKENS
-    write_model_files(out, cfg, tokenizer=tokenizer, token_ids=meta.get("hf_token_ids"))
+    write_model_files(staging, cfg, tokenizer=tokenizer, token_ids=meta.get("hf_token_ids"))
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(path, out / path.name)
+    staging.rmdir()
     return out
 
 
