@@ -83,7 +83,7 @@ class _RowText:
         self.text = ""
         self.stopped = False
 
-    def _decode(self, final: bool = False) -> str:
+    def _text(self, final: bool = False) -> str:
         """Text so far; unless `final`, without a trailing incomplete UTF-8 character."""
         end = len(self.raw) if final else len(self.raw) - _incomplete_tail(self.raw)
         if end > self.done_bytes:
@@ -97,7 +97,7 @@ class _RowText:
         self.raw += self.tokenizer.encoding.decode_single_token_bytes(token)
         self.ends.append(len(self.raw))
         previous = len(self.text)
-        text = self._decode()
+        text = self._text()
         start = max(0, previous - self.longest_stop)
         cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
@@ -112,7 +112,7 @@ class _RowText:
     def flush(self) -> str:
         """The rest of the text, at the end of generation."""
         if not self.stopped:
-            self.text = self._decode(final=True)
+            self.text = self._text(final=True)
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
@@ -160,8 +160,10 @@ class Engine:
         self.head_dim = model_cfg.d_model // model_cfg.n_heads
         self.n_kv = model_cfg.n_kv_heads or model_cfg.n_heads
         self.vocab_limit = min(tokenizer.n_tokens, model_cfg.vocab_size)
-        self._prefill = jax.jit(self._prefill_fn)
-        self._decode = jax.jit(self._decode_fn)
+        # One function, two compiled programs: the prompt's shape, and one token's (which
+        # serves every position, since the cache never changes shape).
+        self._prefill = jax.jit(self._step_fn)
+        self._decode = jax.jit(self._step_fn)
         self._write = jax.jit(write_cache, donate_argnums=0)
         self._score = jax.jit(self._score_fn)
 
@@ -186,11 +188,9 @@ class Engine:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
         return logits, new_kv
 
-    def _prefill_fn(self, params, tokens, positions, pad_start, caches, sampling):
-        logits, new_kv = self._run(params, tokens, positions, jnp.int32(0), caches, pad_start)
-        return next_tokens(logits, *sampling), new_kv
-
-    def _decode_fn(self, params, tokens, positions, pad_start, caches, sampling, index):
+    def _step_fn(self, params, tokens, positions, pad_start, caches, sampling, index):
+        """Prefill (index 0, the whole prompt) or one decoding step: sampled next tokens and
+        the new tokens' keys and values for `write_cache`."""
         logits, new_kv = self._run(params, tokens, positions, index, caches, pad_start)
         return next_tokens(logits, *sampling), new_kv
 
@@ -248,7 +248,9 @@ class Engine:
         rows = [_RowText(self.tokenizer, s.stop) for s in settings]
         done = np.zeros(b, bool)
         caches = self._empty_caches(b, slots)
-        (ids, lp, top_ids, top_lp), new_kv = self._prefill(self.params, tokens, positions, pad_start, caches, sampling(0))
+        (ids, lp, top_ids, top_lp), new_kv = self._prefill(
+            self.params, tokens, positions, pad_start, caches, sampling(0), np.int32(0)
+        )
         caches = self._write(caches, new_kv, np.int32(0))
         for step in range(max_new):
             ids_h, lp_h, top_ids_h, top_lp_h = jax.device_get((ids, lp, top_ids, top_lp))

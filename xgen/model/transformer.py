@@ -79,24 +79,16 @@ class Attention(nnx.Module):
         cos, sin = rope_angles(positions, self.head_dim, self.theta)
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        if cache is not None:
-            out = cached_attention(
-                q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
-                cache.k.astype(self.dtype), cache.v.astype(self.dtype), cache.allowed_cached, cache.allowed_new,
-            )  # fmt: skip
-            new = (k.astype(cache.k.dtype).transpose(0, 2, 3, 1), v.astype(cache.v.dtype).swapaxes(1, 2))
-            out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), new
-        out = causal_attention(
-            q.astype(self.dtype),
-            k.astype(self.dtype),
-            v.astype(self.dtype),
-            segment_ids=segment_ids,
-            kernel=self.kernel,
-            chunk=self.chunk,
-        )
+        q, k, v = q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
+        if cache is None:
+            out = causal_attention(q, k, v, segment_ids=segment_ids, kernel=self.kernel, chunk=self.chunk)
+        else:
+            out = cached_attention(q, k, v, cache.k, cache.v, cache.allowed_cached, cache.allowed_new)
         out = self.constrain(out, ("batch", "length", "heads", "head_dim"))
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        y = self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        if cache is None:
+            return y
+        return y, (k.astype(cache.k.dtype).transpose(0, 2, 3, 1), v.astype(cache.v.dtype).swapaxes(1, 2))
 
 
 class MLP(nnx.Module):
@@ -131,14 +123,12 @@ class Block(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, NewKV]:
-        if cache is not None:
-            h, new = self.attn(self.input_norm(x), positions, cache=cache)
-            x = x + h
-            x = x + self.mlp(self.post_attn_norm(x))
-            return self.constrain(x, ("batch", "length", "embed")), new
-        x = x + self.attn(self.input_norm(x), positions, segment_ids)
+        attended = self.attn(self.input_norm(x), positions, segment_ids, cache)
+        h, new = attended if cache is not None else (attended, None)
+        x = x + h
         x = x + self.mlp(self.post_attn_norm(x))
-        return self.constrain(x, ("batch", "length", "embed"))
+        x = self.constrain(x, ("batch", "length", "embed"))
+        return x if cache is None else (x, new)
 
 
 # Named rematerialization policies (MaxText style): what a block keeps for the backward pass.
