@@ -27,7 +27,7 @@ from xgen.eval.mmlu import (
     read_split,
     subjects_in,
 )
-from xgen.eval.synthetic import write_mmlu
+from xgen.eval.fixtures.mmlu import write_mmlu
 from xgen.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,9 +93,9 @@ def test_shots_are_dropped_one_by_one_until_the_prompt_fits_the_engine(tokenizer
     cfg, _, params = tiny
     lengths = [len(build_item(tokenizer, 10**6, "virology", DEV, TEST_Q, k).ids) for k in range(4)]
     assert lengths == sorted(lengths) and len(set(lengths)) == 4
-    engine = Engine(cfg, params, tokenizer, max_len=lengths[1] + 2)  # room for 1 shot + the letter
-    item = build_item(tokenizer, engine.max_len - 1, "virology", DEV, TEST_Q, 3)
-    assert item.shots == 1 and len(item.ids) == lengths[1] <= engine.max_len - 1
+    engine = Engine(cfg, params, tokenizer, max_len=lengths[1] + 1)  # room for 1 shot
+    item = build_item(tokenizer, engine.max_len, "virology", DEV, TEST_Q, 3)
+    assert item.shots == 1 and len(item.ids) == lengths[1] <= engine.max_len
     item = build_item(tokenizer, lengths[0] - 5, "virology", DEV, TEST_Q, 3)  # not even 0 shots fit
     assert item.shots == 0 and len(item.ids) == lengths[0] - 5 and item.prompt.endswith("Answer:")
 
@@ -182,8 +182,8 @@ def test_missing_data_names_the_file_and_where_it_is_expected(tokenizer, tmp_pat
 
 
 def test_the_eval_group_composes_with_data_under_data_dir():
-    cfg = compose_config("task=eval", "eval=mmlu_0shot", "data_dir=/d", "eval.max_questions=3")
-    assert (cfg.eval.kind, cfg.eval.shots, cfg.eval.data_path, cfg.eval.max_questions) == ("mmlu", 0, "/d/mmlu", 3)
+    cfg = compose_config("task=eval", "eval=mmlu_0shot", "data_dir=/d", "eval.limit=3")
+    assert (cfg.eval.kind, cfg.eval.shots, cfg.eval.data_path, cfg.eval.limit) == ("mmlu", 0, "/d/mmlu", 3)
     assert compose_config().eval is None
 
 
@@ -196,13 +196,13 @@ def test_the_command_writes_mmlu_json_and_md(tiny, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "xgen.run", "task=eval", "eval=mmlu_5shot", f"checkpoint={tmp_path / 'ckpt'}",
-         f"data_dir={tmp_path / 'data'}", "eval.max_questions=2", "generate.max_len=512", f"hydra.run.dir={run_dir}"],
+         f"data_dir={tmp_path / 'data'}", "eval.limit=2", "generate.max_len=512", f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((run_dir / "mmlu.json").read_text())
+    result = json.loads((run_dir / "mmlu_5shot.json").read_text())
     assert result["shots"] == 5 and result["questions"] == 4 and set(result["subjects"]) == {"astronomy", "world_religions"}
     assert set(result["categories"]) == {"STEM", "humanities"}
-    md = (run_dir / "mmlu.md").read_text()
+    md = (run_dir / "mmlu_5shot.md").read_text()
     assert md.startswith("| Models | Humanities |") and md.splitlines()[2] in proc.stdout
-    assert len((run_dir / "mmlu_partial.jsonl").read_text().splitlines()) == 2
+    assert len((run_dir / "mmlu_5shot_partial.jsonl").read_text().splitlines()) == 2

@@ -307,15 +307,67 @@ class SFTConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Limits for running generated programs (HumanEval; home: `xgen.eval.sandbox`)."""
+
+    timeout_s: float = 10.0  # wall clock per program
+    cpu_s: int = 10  # RLIMIT_CPU
+    memory_mb: int = 1024  # RLIMIT_AS
+    workers: int = 2  # programs run at once
+
+
+@dataclass
+class JudgeConfig:
+    """An OpenAI-compatible chat endpoint that grades answers (home: `xgen.eval.judge`):
+    `task=serve` gives one locally; a hosted model when you have one."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4"
+    # Name of the environment variable that holds the API key (never the key itself).
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 512
+    timeout_s: float = 120.0
+    retries: int = 3
+    workers: int = 4  # requests in flight at once
+    # Every judgement is cached here, keyed by judge model and request: reruns cost nothing.
+    cache_dir: str = "${data_dir}/judge_cache"
+
+
+@dataclass
 class EvalConfig:
-    """A benchmark for `task=eval` (group `eval/`, home: `xgen.eval`)."""
+    """A benchmark for `task=eval` (group `eval/`, home: `xgen.eval`). Settings a benchmark
+    does not use are ignored by it; each `conf/eval/*.yaml` sets the ones it reads."""
 
     name: str = MISSING
-    kind: str = MISSING  # "mmlu"
-    shots: int = 5
-    data_path: str = "${data_dir}/mmlu"
-    batch_size: int = 8  # sequences per scoring call
-    max_questions: Optional[int] = None  # per subject, for quick runs
+    # mmlu | zeroshot | humaneval | ppl_by_position | summarization | longform_qa | mt_bench | alpaca_eval
+    kind: str = MISSING
+    data_path: str = MISSING  # the benchmark's files, in their public layout
+    shots: int = 0
+    # Sub-tasks to run; empty: all of the kind's. zeroshot: arc_challenge, hellaswag, winogrande,
+    # truthfulqa_mc, boolq, piqa, openbookqa; summarization: ami, forever_dreaming, tv_mega_site.
+    tasks: list[str] = field(default_factory=list)
+    batch_size: int = 8  # sequences per forward pass
+    limit: Optional[int] = None  # items per task or subject, for quick runs
+    # Sampling, for benchmarks that generate (humaneval, summarization, judged evals).
+    n_samples: int = 1  # per problem (HumanEval pass@k: the report's n=200)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    # Longest input in tokens (None: what the model's context leaves after max_new_tokens) and
+    # which side of a longer input is dropped: left (keep the end) | right | middle.
+    max_input_tokens: Optional[int] = None
+    truncation: str = "left"
+    # ppl_by_position: checkpoints to compare (empty: `checkpoint`), documents of at least
+    # min_tokens tokens, scored over their first min_tokens positions.
+    checkpoints: list[str] = field(default_factory=list)
+    min_tokens: int = 8192
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # Pairwise judging (alpaca_eval): the reference answers' file.
+    reference_path: Optional[str] = None
 
 
 @dataclass

@@ -12,14 +12,13 @@ The model is behind `predict(items) -> letters`, so aggregation is testable with
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from xgen.config import ConfigError
+from xgen.eval.common import ItemStore, Progress, model_label, write_result
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +146,8 @@ Predictor = Callable[[Sequence[Item]], list[str]]
 
 
 class EnginePredictor:
-    """Scores `prompt + letter` for the four letters (the log-prob of the last token is the
-    letter's next-token log-prob after the prompt); `batch_size` sequences per call."""
+    """Reads the four letters' next-token log-probs at each prompt's last position: one
+    sequence per question, `batch_size` questions per forward pass."""
 
     def __init__(self, engine, batch_size: int = 8):
         self.engine, self.batch_size = engine, max(1, batch_size)
@@ -160,11 +159,11 @@ class EnginePredictor:
 
     def letter_logprobs(self, items: Sequence[Item]) -> list[list[float]]:
         """log P(" A".." D" | prompt) for each item."""
-        sequences = [it.ids + [t] for it in items for t in self.letter_ids]
-        flat = []
-        for i in range(0, len(sequences), self.batch_size):
-            flat += [s.token_logprobs[-1] for s in self.engine.score(sequences[i : i + self.batch_size])]
-        return [flat[4 * n : 4 * n + 4] for n in range(len(items))]
+        out: list[list[float]] = []
+        for i in range(0, len(items), self.batch_size):
+            chunk = [it.ids for it in items[i : i + self.batch_size]]
+            out += self.engine.next_token_logprobs(chunk, self.letter_ids).tolist()
+        return out
 
     def __call__(self, items: Sequence[Item]) -> list[str]:
         return [LETTERS[max(range(4), key=lp.__getitem__)] for lp in self.letter_logprobs(items)]
@@ -191,17 +190,6 @@ def summarize(per_subject: dict[str, dict]) -> dict:
     }
 
 
-def _read_partial(path: Path | None, key: dict) -> dict[str, dict]:
-    """Subjects already finished in this run dir with the same settings (resume)."""
-    done: dict[str, dict] = {}
-    if path is not None and path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else None
-            if record and all(record.get(k) == v for k, v in key.items()):
-                done[record["subject"]] = record
-    return done
-
-
 def evaluate(
     data_path: str | Path,
     tokenizer,
@@ -215,41 +203,34 @@ def evaluate(
     subjects: Sequence[str] | None = None,
 ) -> dict:
     """Run every subject under `data_path`; `max_tokens` bounds a prompt (the engine's
-    max_len - 1: the letter takes the last slot). Finished subjects go to `partial_path` as
-    they complete and are skipped when it already holds them."""
+    max_len: the letters are read at the prompt's last position). Finished subjects go to
+    `partial_path` as they complete and are skipped when it already holds them."""
     subjects = list(subjects or subjects_in(data_path))
     key = {"shots": shots, "max_questions": max_questions}
-    per_subject = {s: r for s, r in _read_partial(partial_path, key).items() if s in subjects}
-    if per_subject:
-        log.info("mmlu: resuming, %d subject(s) already done in %s", len(per_subject), partial_path)
+    store = ItemStore(partial_path, key)
+    per_subject = {s: store.get(s) for s in subjects if s in store}
     todo = {}
     for s in subjects:
         if s not in per_subject:
             dev = read_split(data_path, "dev", s) if shots > 0 else []
             todo[s] = (dev, read_split(data_path, "test", s)[:max_questions])
-    total, done, start = sum(len(t) for _, t in todo.values()), 0, time.time()
+    progress = Progress("mmlu questions", sum(len(t) for _, t in todo.values()))
     for subject, (dev, test) in todo.items():
         items = [build_item(tokenizer, max_tokens, subject, dev, q, shots) for q in test]
         predicted = []
         for i in range(0, len(items), chunk):
             predicted += predict(items[i : i + chunk])
-            done += len(items[i : i + chunk])
-            rate = done / max(time.time() - start, 1e-9)
-            log.info("mmlu: %d/%d questions (%s), ETA %.0f s", done, total, subject, (total - done) / rate)
+            progress.advance(len(items[i : i + chunk]), subject)
         correct = sum(p == it.answer for p, it in zip(predicted, items))
-        record = {
+        per_subject[subject] = {
             "subject": subject,
             "category": category_of(subject),
             "correct": correct,
             "questions": len(items),
             "accuracy": correct / len(items) if items else 0.0,
             "min_shots": min((it.shots for it in items), default=shots),
-            **key,
         }
-        per_subject[subject] = record
-        if partial_path is not None:
-            with open(partial_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        store.add(subject, per_subject[subject])
     per_subject = {s: per_subject[s] for s in subjects}
     return {"shots": shots, "max_questions": max_questions, "subjects": per_subject, **summarize(per_subject)}
 
@@ -261,3 +242,25 @@ def markdown_table(result: dict, model: str = "model") -> str:
     head = ["Models", *(title for _, title in TABLE_COLUMNS), "Weighted average"]
     rows = [head, ["---"] * len(head), [model, *cells, f"{100 * result['average']:.1f}"]]
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
+def run_benchmark(cfg, run_dir: Path) -> dict:
+    """`task=eval eval=mmlu_5shot|mmlu_0shot`: mmlu_*.json/.md in `run_dir`, resumable."""
+    from xgen.generate.load import load_engine
+
+    subjects = subjects_in(cfg.eval.data_path)  # before loading the model: fail fast on missing data
+    engine = load_engine(cfg)
+    result = evaluate(
+        cfg.eval.data_path,
+        engine.tokenizer,
+        engine.max_len,
+        EnginePredictor(engine, cfg.eval.batch_size),
+        shots=cfg.eval.shots,
+        max_questions=cfg.eval.limit,
+        chunk=cfg.eval.batch_size,
+        partial_path=run_dir / f"{cfg.eval.name}_partial.jsonl",
+        subjects=subjects,
+    )
+    result = write_result(run_dir, cfg, result, markdown_table(result, model_label(cfg)))
+    log.info("MMLU %d-shot: %.4f over %d questions; written to %s", cfg.eval.shots, result["average"], result["questions"], run_dir)
+    return result

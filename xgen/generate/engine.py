@@ -166,6 +166,7 @@ class Engine:
         self._decode = jax.jit(self._step_fn)
         self._write = jax.jit(write_cache, donate_argnums=0)
         self._score = jax.jit(self._score_fn)
+        self._next = jax.jit(self._next_fn)
 
     # ---- device functions -------------------------------------------------------------
 
@@ -201,6 +202,15 @@ class Engine:
         chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
         top_lp, top_ids = jax.lax.top_k(logprobs, 5)
         return chosen, top_ids, top_lp
+
+    def _next_fn(self, params, tokens, last, token_ids):
+        """log P(token_ids | each row's tokens up to `last`): the output head runs on one
+        position per row, not the whole sequence."""
+        model = self._model(params)
+        h = jnp.take_along_axis(model.hidden(tokens), last[:, None, None], axis=1)
+        logits = model.logits(h)[:, 0]
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        return jax.nn.log_softmax(logits, axis=-1)[:, token_ids]
 
     def _empty_caches(self, batch: int, slots: int):
         k_shape = (batch, self.n_kv, self.head_dim, slots)  # keys transposed (see KVCache)
@@ -299,16 +309,7 @@ class Engine:
     def score(self, sequences: Sequence[Sequence[int]], top_logprobs: int = 0) -> list[Scored]:
         """log P(token_i | tokens_<i) for every token of every sequence (one forward pass;
         what lm-evaluation-harness's log-likelihood requests need)."""
-        if any(len(s) == 0 for s in sequences):
-            raise ValueError("cannot score an empty sequence")
-        longest = max(len(s) for s in sequences)
-        if longest > self.max_len:
-            raise ValueError(f"a sequence of {longest} tokens exceeds the model's {self.max_len}")
-        width = min(_round_up(longest, PROMPT_BUCKET), self.max_len)
-        tokens = np.zeros((len(sequences), width), np.int32)
-        for i, s in enumerate(sequences):
-            tokens[i, : len(s)] = s  # right padding: later pads cannot change earlier tokens
-        chosen, top_ids, top_lp = jax.device_get(self._score(self.params, tokens))
+        chosen, top_ids, top_lp = jax.device_get(self._score(self.params, self._right_padded(sequences)))
         result = []
         for i, s in enumerate(sequences):
             n = len(s)
@@ -319,6 +320,27 @@ class Engine:
             ] if top_logprobs else [None] * n
             result.append(Scored(tokens=list(s), token_logprobs=lps, top_logprobs=tops))
         return result
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], token_ids: Sequence[int]) -> np.ndarray:
+        """[prompts, token_ids] log-probabilities of each candidate next token after each
+        prompt, in one forward pass (multiple choice with one-token answers, like MMLU's
+        letters: one sequence per question instead of one per choice)."""
+        tokens = self._right_padded(prompts)
+        last = np.array([len(p) - 1 for p in prompts], np.int32)
+        return np.asarray(jax.device_get(self._next(self.params, tokens, last, np.asarray(token_ids, np.int32))))
+
+    def _right_padded(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """One batch, padded on the right (later pads cannot change earlier tokens' numbers)
+        to a multiple of PROMPT_BUCKET (fewer compilations)."""
+        if not sequences or any(len(s) == 0 for s in sequences):
+            raise ValueError("cannot score an empty sequence (or an empty batch)")
+        longest = max(len(s) for s in sequences)
+        if longest > self.max_len:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the model's {self.max_len}")
+        tokens = np.zeros((len(sequences), min(_round_up(longest, PROMPT_BUCKET), self.max_len)), np.int32)
+        for i, s in enumerate(sequences):
+            tokens[i, : len(s)] = s
+        return tokens
 
 
 def settings_from_config(gen, **overrides) -> SamplingSettings:

@@ -12,9 +12,12 @@ import base64
 import hashlib
 from functools import cache
 from importlib import resources
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import tiktoken
+
+if TYPE_CHECKING:
+    import numpy as np
 
 GPT2_RANKS_FILE = "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"

