@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from xgen.config import ConfigError
-from xgen.eval.common import ItemStore, Progress, markdown, read_records, require_file
+from xgen.eval.common import TRUNCATION_SIDES, ItemStore, Progress, markdown, read_records, require_file, truncate_tokens
 
 
 def test_records_are_read_from_jsonl_gzip_json_arrays_and_parquet(tmp_path):
@@ -63,3 +63,30 @@ def test_progress_logs_counts_and_an_eta(caplog):
 
 def test_markdown_tables():
     assert markdown([["a", "b"], ["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+
+
+def test_truncation_keeps_the_end_the_start_or_both_ends():
+    ids = list(range(10))
+    assert truncate_tokens(ids, 4, "left") == [6, 7, 8, 9]
+    assert truncate_tokens(ids, 4, "right") == [0, 1, 2, 3]
+    assert truncate_tokens(ids, 4, "middle") == [0, 1, 8, 9]
+    assert truncate_tokens(ids, 5, "middle") == [0, 1, 2, 8, 9]  # the odd token goes to the start
+    assert truncate_tokens(ids, 1, "middle") == [0] and truncate_tokens(ids, 0, "middle") == []
+    for side in TRUNCATION_SIDES:
+        assert truncate_tokens(ids, 10, side) == ids and truncate_tokens(ids, 12, side) == ids
+    with pytest.raises(ConfigError, match="eval.truncation='top' is not one of left, right, middle"):
+        truncate_tokens(ids, 3, "top")
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("eval.truncation=top", "eval.truncation='top' is not one of left, right, middle"),
+     ("eval.limit=0", "eval.limit=0 must be positive"), ("eval.batch_size=0", "eval.batch_size=0 must be positive")],
+)  # fmt: skip
+def test_eval_settings_are_checked_at_start_up(override, needle):
+    from tests.conftest import compose_config
+    from xgen.config.validate import validate
+
+    validate(compose_config("task=eval", "eval=summarization"))
+    with pytest.raises(ConfigError, match=needle):
+        validate(compose_config("task=eval", "eval=summarization", override))

@@ -27,7 +27,6 @@ from xgen.eval.humaneval import (
     program_for,
     read_problems,
     sample_seed,
-    truncate,
 )
 from xgen.eval.sandbox import Sandbox
 
@@ -93,14 +92,6 @@ def test_sample_seeds_are_distinct_and_depend_only_on_seed_problem_and_sample():
     seeds = {sample_seed(0, i, j) for i in range(30) for j in range(30)}
     assert len(seeds) == 900 and all(0 <= s < 2**32 for s in seeds)
     assert sample_seed(0, 3, 4) == sample_seed(0, 3, 4) != sample_seed(1, 3, 4)
-
-
-def test_truncation_keeps_the_requested_side():
-    ids = list(range(10))
-    assert truncate(ids, 4, "left") == [6, 7, 8, 9]
-    assert truncate(ids, 4, "right") == [0, 1, 2, 3]
-    assert truncate(ids, 4, "middle") == [0, 1, 8, 9]
-    assert truncate(ids, 20, "left") == ids
 
 
 # ---- the sandbox ------------------------------------------------------------------------

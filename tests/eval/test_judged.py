@@ -15,7 +15,7 @@ from xgen.config import ConfigError, JudgeConfig
 from xgen.eval import judge_prompts as jp
 from xgen.eval.fixtures.judged import write as write_fixtures
 from xgen.eval.judge import JudgeClient
-from xgen.eval.judged import Answerer, Prompt, cut_tokens, pair_score, win_rate
+from xgen.eval.judged import Answerer, Prompt, pair_score, win_rate
 from xgen.tokenizer import Tokenizer
 
 # ---- the requests ------------------------------------------------------------------------
@@ -153,17 +153,6 @@ def test_win_rate_combines_both_orders_and_counts_ties_half():
     # mean 0.4375; deviations .5625 .0625 -.1875 -.4375, squares sum .546875, / 3 = .182292,
     # sd .426956, / sqrt(4) = .213478
     assert rate == pytest.approx(43.75) and se == pytest.approx(21.3478, abs=1e-4)
-
-
-# ---- truncation --------------------------------------------------------------------------
-
-
-def test_cut_tokens_drops_the_chosen_side():
-    ids = list(range(10))
-    assert cut_tokens(ids, 4, "left") == [6, 7, 8, 9]
-    assert cut_tokens(ids, 4, "right") == [0, 1, 2, 3]
-    assert cut_tokens(ids, 5, "middle") == [0, 1, 2, 8, 9]
-    assert cut_tokens(ids, 20, "middle") == ids
 
 
 def _answerer(max_len: int, max_input_tokens: int | None, truncation: str) -> Answerer:

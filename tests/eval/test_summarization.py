@@ -9,7 +9,7 @@ import pytest
 
 from xgen.config import ChatTemplateConfig, ConfigError
 from xgen.eval import summarization as summ
-from xgen.eval.common import ItemStore
+from xgen.eval.common import TRUNCATION_SIDES, ItemStore
 from xgen.eval.fixtures.summarization import write
 from xgen.generate.engine import Completion, SamplingSettings
 from xgen.tokenizer import Tokenizer
@@ -25,19 +25,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def scorer():
     return summ.rouge_scorer()
-
-
-def test_truncation_keeps_the_end_the_start_or_both_ends():
-    ids = list(range(10))
-    assert summ.truncate(ids, 4, "left") == [6, 7, 8, 9]
-    assert summ.truncate(ids, 4, "right") == [0, 1, 2, 3]
-    assert summ.truncate(ids, 4, "middle") == [0, 1, 8, 9]
-    assert summ.truncate(ids, 5, "middle") == [0, 1, 2, 8, 9]  # the odd token goes to the start
-    assert summ.truncate(ids, 1, "middle") == [0] and summ.truncate(ids, 0, "middle") == []
-    for side in summ.SIDES:
-        assert summ.truncate(ids, 10, side) == ids and summ.truncate(ids, 12, side) == ids
-    with pytest.raises(ConfigError, match="eval.truncation='top' is not one of left, right, middle"):
-        summ.truncate(ids, 3, "top")
 
 
 def test_rouge_f_measures_of_hand_checked_pairs(scorer):
@@ -73,7 +60,7 @@ def test_a_long_transcript_is_cut_on_its_side_to_fit_the_budget(tokenizer):
     n_dialogue = len(tokenizer.encode(item.dialogue))
     budget = full - 200
     kept = {}
-    for side in summ.SIDES:
+    for side in TRUNCATION_SIDES:
         p = summ.fit_prompt(tokenizer, template, item, budget, side)
         text = tokenizer.decode(p.ids)
         assert budget - 5 < len(p.ids) <= budget and 200 <= p.dropped < 210

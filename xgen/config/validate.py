@@ -39,6 +39,11 @@ def validate(cfg: XGenConfig) -> None:
         checks.append((src.kind != "prepared" or bool(src.path), f"data_mix.sources.{name}: kind 'prepared' needs a path"))
     checks.append((cfg.loader.read_threads > 0, f"loader.read_threads={cfg.loader.read_threads} must be positive"))
     checks.append((cfg.prepare.workers >= 0, f"prepare.workers={cfg.prepare.workers} must be 0 (in-process) or more"))
+    if cfg.eval is not None:
+        sides = ("left", "right", "middle")  # xgen.eval.common.TRUNCATION_SIDES
+        checks.append((cfg.eval.truncation in sides, f"eval.truncation={cfg.eval.truncation!r} is not one of {', '.join(sides)}"))
+        checks.append((cfg.eval.limit is None or cfg.eval.limit > 0, f"eval.limit={cfg.eval.limit} must be positive"))
+        checks.append((cfg.eval.batch_size > 0, f"eval.batch_size={cfg.eval.batch_size} must be positive"))
     vocab_needed = n_tokens_of(cfg.tokenizer.name)
     checks.append(
         (

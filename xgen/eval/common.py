@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from xgen.config import ConfigError
 
@@ -115,6 +115,30 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
+
+
+TRUNCATION_SIDES = ("left", "right", "middle")
+
+
+def check_truncation(side: str) -> str:
+    if side not in TRUNCATION_SIDES:
+        raise ConfigError(f"eval.truncation={side!r} is not one of {', '.join(TRUNCATION_SIDES)}")
+    return side
+
+
+def truncate_tokens(ids: Sequence[int], keep: int, side: str) -> list[int]:
+    """`keep` of `ids`, dropping from `side` (`eval.truncation`): left keeps the end, right
+    the start, middle the first ceil(keep/2) and the last floor(keep/2)."""
+    check_truncation(side)
+    ids, keep = list(ids), max(0, keep)
+    if keep >= len(ids):
+        return ids
+    if side == "left":
+        return ids[len(ids) - keep :]
+    if side == "right":
+        return ids[:keep]
+    tail = keep // 2
+    return ids[: keep - tail] + ids[len(ids) - tail :]
 
 
 def markdown(rows: list[list[str]]) -> str:

@@ -25,13 +25,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from xgen.config import ConfigError
-from xgen.eval.common import ItemStore, Progress, batched, markdown, read_records
+from xgen.eval.common import ItemStore, Progress, batched, check_truncation, markdown, model_label, read_records, truncate_tokens, write_result
 from xgen.eval.sandbox import ExecResult, Sandbox
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-TRUNCATIONS = ("left", "right", "middle")
 
 
 # ---- problems and programs --------------------------------------------------------------
@@ -84,18 +83,6 @@ def sample_seed(seed: int, problem_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def truncate(ids: list[int], budget: int, side: str) -> list[int]:
-    """At most `budget` ids, dropping from the `side` given (left keeps the end)."""
-    if len(ids) <= budget:
-        return ids
-    if side == "right":
-        return ids[:budget]
-    if side == "middle":
-        head = budget // 2
-        return ids[:head] + ids[len(ids) - (budget - head) :]
-    return ids[len(ids) - budget :]
-
-
 # ---- sampling ---------------------------------------------------------------------------
 
 
@@ -133,7 +120,7 @@ class EngineCompleter:
         ids = self._prompt_ids.get(problem.task_id)
         if ids is None:
             full = self.engine.tokenizer.encode(problem.prompt)
-            ids = truncate(full, self.budget, self.truncation)
+            ids = truncate_tokens(full, self.budget, self.truncation)
             if len(ids) < len(full):
                 log.warning("%s: prompt of %d tokens truncated to %d (%s)", problem.task_id, len(full), len(ids), self.truncation)
             self._prompt_ids[problem.task_id] = ids
@@ -238,8 +225,7 @@ def check_settings(ev) -> list[int]:
         raise ConfigError(f"HumanEval: eval.n_samples={ev.n_samples} must be at least 1")
     if not ev.pass_k or any(k < 1 for k in ev.pass_k):
         raise ConfigError(f"HumanEval: eval.pass_k={list(ev.pass_k)} must be positive integers")
-    if ev.truncation not in TRUNCATIONS:
-        raise ConfigError(f"HumanEval: eval.truncation={ev.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+    check_truncation(ev.truncation)  # before the model loads
     if ev.sandbox.timeout_s <= 0 or ev.sandbox.memory_mb < 64 or ev.sandbox.workers < 1:
         raise ConfigError("HumanEval: eval.sandbox needs timeout_s > 0, memory_mb >= 64 and workers >= 1")
     ks = sorted({k for k in ev.pass_k if k <= ev.n_samples})
@@ -254,7 +240,6 @@ def check_settings(ev) -> list[int]:
 
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=humaneval`: <name>.json/.md and <name>_samples.jsonl in `run_dir`."""
-    from xgen.eval.common import model_label, write_result
 
     ev = cfg.eval
     problems = read_problems(ev.data_path)[: ev.limit]  # before loading the model: fail fast

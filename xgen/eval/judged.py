@@ -30,7 +30,18 @@ from typing import Callable
 
 from xgen.config import ConfigError
 from xgen.eval import judge_prompts as jp
-from xgen.eval.common import ItemStore, Progress, batched, markdown, model_label, read_records, require_file, write_result
+from xgen.eval.common import (
+    ItemStore,
+    Progress,
+    batched,
+    markdown,
+    model_label,
+    read_records,
+    require_file,
+    check_truncation,
+    truncate_tokens,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +144,6 @@ class Prompt:
     seed: int
 
 
-def cut_tokens(ids: list[int], keep: int, side: str) -> list[int]:
-    """`keep` of `ids`, dropping the `side` (left: keep the end; right: keep the start;
-    middle: keep both ends)."""
-    keep = max(0, keep)
-    if len(ids) <= keep:
-        return ids
-    if side == "left":
-        return ids[len(ids) - keep :]
-    if side == "right":
-        return ids[:keep]
-    head = (keep + 1) // 2
-    return ids[:head] + ids[len(ids) - (keep - head) :]
-
-
 class Answerer:
     """Batched greedy (or sampled) answers of the chat model, inputs fitted to `budget` tokens."""
 
@@ -155,7 +152,7 @@ class Answerer:
         from xgen.generate.engine import SamplingSettings
 
         ev = cfg.eval
-        check_truncation(ev)
+        check_truncation(ev.truncation)  # before the model loads
         self.engine, self.template = engine, cfg.chat_template
         self.budget = input_budget(cfg, engine.max_len)
         self.side = ev.truncation
@@ -180,7 +177,7 @@ class Answerer:
             if keep <= 0:
                 raise ConfigError(f"eval.max_input_tokens: {self.budget} tokens do not hold this benchmark's prompt "
                                   "even without its document or question")  # fmt: skip
-            ids = self.ids(prompt, tok.decode(cut_tokens(text_ids, keep, self.side)))
+            ids = self.ids(prompt, tok.decode(truncate_tokens(text_ids, keep, self.side)))
             if len(ids) <= self.budget:
                 return ids, True
             keep -= len(ids) - self.budget  # the cut's edges re-tokenized differently
@@ -191,11 +188,6 @@ class Answerer:
         settings = [dataclasses.replace(self.settings, seed=p.seed) for p in prompts]
         completions = self.engine.generate([ids for ids, _ in fitted], settings)
         return [(c.text.strip(), cut) for c, (_, cut) in zip(completions, fitted)]
-
-
-def check_truncation(ev) -> None:
-    if ev.truncation not in ("left", "right", "middle"):
-        raise ConfigError(f"eval.truncation={ev.truncation!r} is not one of left, right, middle")
 
 
 def input_budget(cfg, max_len: int) -> int:
@@ -458,7 +450,7 @@ def item_record(kind: str, item: dict, answered: dict, judged: dict) -> dict:
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=longform_qa|mt_bench|alpaca_eval`: answer, judge, aggregate."""
     ev, kind = cfg.eval, cfg.eval.kind
-    check_truncation(ev)
+    check_truncation(ev.truncation)  # before the model loads
     items, mt_refs = read_items(cfg)  # before the model: bad data and settings fail fast
     if not items:
         raise ConfigError(f"{ev.data_path}: no items")

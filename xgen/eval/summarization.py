@@ -24,6 +24,17 @@ from pathlib import Path
 from typing import Sequence
 
 from xgen.config import ConfigError
+from xgen.eval.common import (
+    ItemStore,
+    Progress,
+    batched,
+    markdown,
+    model_label,
+    read_records,
+    check_truncation,
+    truncate_tokens,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +42,6 @@ WHAT = "summarization"
 # Sub-task -> its column group in Table 13.
 TASKS = {"ami": "AMI", "forever_dreaming": "ForeverDreaming", "tv_mega_site": "TVMegaSite"}
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
-SIDES = ("left", "right", "middle")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # One instruction for all three datasets (the report gives none): a plain request for a
 # summary of the whole transcript, as an instruction-tuned model is asked in everyday use.
@@ -59,7 +69,6 @@ def task_file(data_path: str | Path, task: str) -> Path:
 
 
 def read_task(data_path: str | Path, task: str, limit: int | None = None) -> list[Dialogue]:
-    from xgen.eval.common import read_records
 
     path = task_file(data_path, task)
     items, seen = [], set()
@@ -83,22 +92,6 @@ def build_prompt(template, dialogue: str, instruction: str = INSTRUCTION) -> str
     return render_prompt(template, [{"role": "user", "content": instruction + "\n\n" + dialogue}])
 
 
-def truncate(ids: Sequence[int], keep: int, side: str) -> list[int]:
-    """`keep` of `ids`, dropping from the `side`: left keeps the end, right the start, middle
-    the first ceil(keep/2) and the last floor(keep/2)."""
-    if side not in SIDES:
-        raise ConfigError(f"eval.truncation={side!r} is not one of {', '.join(SIDES)}")
-    ids, keep = list(ids), max(0, keep)
-    if keep >= len(ids):
-        return ids
-    if side == "left":
-        return ids[len(ids) - keep :]
-    if side == "right":
-        return ids[:keep]
-    tail = keep // 2
-    return ids[: keep - tail] + ids[len(ids) - tail :]
-
-
 @dataclass
 class Prompt:
     item: Dialogue
@@ -115,7 +108,7 @@ def fit_prompt(tokenizer, template, item: Dialogue, max_tokens: int, side: str) 
     dialogue_ids = tokenizer.encode(item.dialogue)
     keep = len(dialogue_ids) - (len(ids) - max_tokens)
     while keep > 0:
-        ids = tokenizer.encode(build_prompt(template, tokenizer.decode(truncate(dialogue_ids, keep, side))))
+        ids = tokenizer.encode(build_prompt(template, tokenizer.decode(truncate_tokens(dialogue_ids, keep, side))))
         if len(ids) <= max_tokens:
             return Prompt(item, ids, len(dialogue_ids) - keep)
         keep -= len(ids) - max_tokens
@@ -158,7 +151,6 @@ def generate_summaries(engine, prompts: Sequence[Prompt], base, batch_size: int,
     """Greedy (or sampled) summaries of the prompts not yet in `store`, longest first,
     `batch_size` per engine call; each goes to `store` under `<task>/<id>` as its batch ends.
     Per-row seeds (from the item's key) make samples independent of batching."""
-    from xgen.eval.common import batched
 
     todo = sorted((p for p in prompts if f"{p.item.task}/{p.item.id}" not in store), key=lambda p: -len(p.ids))
     for batch in batched(todo, max(1, batch_size)):
@@ -194,7 +186,6 @@ def aggregate(items: dict[str, list[Dialogue]], store, scorer) -> tuple[dict, li
 def markdown_table(result: dict, model: str) -> str:
     """Table 13's layout (ROUGE x 100: a column group R-1/R-2/R-L per dataset), then what
     truncation did to each dataset's inputs (rows carry the model, so runs merge)."""
-    from xgen.eval.common import markdown
 
     tasks = result["tasks"]
     head, cells = ["Model"], [model]
@@ -215,14 +206,12 @@ def markdown_table(result: dict, model: str) -> str:
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=summarization`: summarization.json/.md and the generated summaries in
     summarization_outputs.jsonl, resumable per (task, id)."""
-    from xgen.eval.common import ItemStore, Progress, model_label, write_result
     from xgen.generate.chat import stop_strings
     from xgen.generate.engine import SamplingSettings
     from xgen.generate.load import load_engine
 
     ev = cfg.eval
-    if ev.truncation not in SIDES:
-        raise ConfigError(f"eval.truncation={ev.truncation!r} is not one of {', '.join(SIDES)}")
+    check_truncation(ev.truncation)  # before the model loads
     scorer = rouge_scorer()  # before the model: a missing package fails fast
     items = {task: read_task(ev.data_path, task, ev.limit) for task in (ev.tasks or list(TASKS))}
     engine = load_engine(cfg)
