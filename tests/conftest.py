@@ -24,6 +24,13 @@ def compose_config(*overrides: str) -> XGenConfig:
         return to_object(compose("config", overrides=list(overrides)))
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked `slow` (a minute or more each) run first: with `-n 2` (pytest-xdist) the
+    two workers then start on the long ones and fill in with short ones, instead of one
+    worker finishing a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def make_config():
     return compose_config

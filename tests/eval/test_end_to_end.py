@@ -34,6 +34,7 @@ SECTIONS = {
 }
 
 
+@pytest.mark.slow
 def test_every_benchmark_runs_on_a_trained_tiny_model_and_the_report_gathers_them(tmp_path):
     assert set(BENCHMARKS) == set(SECTIONS), "a new conf/eval file needs a place in the report"
     trained = tmp_path / "pretrain"

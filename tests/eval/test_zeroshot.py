@@ -158,7 +158,7 @@ def test_batched_logliks_equal_each_request_scored_alone_by_the_models_forward_p
         ("A much longer context that keeps going for a while, with commas, and more words", " than the others."),
         ("Short", " continuation of several tokens here"),
     ]
-    engine = SimpleNamespace(tokenizer=tokenizer, max_len=tiny_engine.max_len, score=tiny_engine.score)
+    engine = SimpleNamespace(tokenizer=tokenizer, max_len=tiny_engine.max_len, score_tails=tiny_engine.score_tails)
     got = loglikelihood(engine, texts, batch_size=2)  # two engine calls, sorted by length
     pairs = [encode_pair(tokenizer, c, x) for c, x in texts]
     for (ctx, cont), answer in zip(pairs, got):
@@ -173,7 +173,7 @@ def test_batched_logliks_equal_each_request_scored_alone_by_the_models_forward_p
 
 
 def test_a_request_longer_than_max_len_keeps_its_last_max_len_tokens(forward, tiny_engine, tokenizer):
-    engine = SimpleNamespace(tokenizer=tokenizer, max_len=24, score=tiny_engine.score)
+    engine = SimpleNamespace(tokenizer=tokenizer, max_len=24, score_tails=tiny_engine.score_tails)
     ctx = tokenizer.encode(" ".join(f"word{i}" for i in range(30)))
     cont = tokenizer.encode(" and the end")
     short = tokenizer.encode("Just a few"), tokenizer.encode(" tokens")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from xgen.sft.synthetic import FACTS, write_fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +29,7 @@ def xgen_run(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     return proc
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_tiny_model_learns_the_instructions_and_chat_answers_them(tmp_path):
     write_fixtures(tmp_path / "data" / "sft" / "synthetic")
     base = tmp_path / "base"

@@ -25,6 +25,7 @@ def plan_cli(tmp_path, *overrides) -> dict:
     return json.loads((tmp_path / "plan.json").read_text())
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_plan_compiles_for_a_tpu_v4_slice_and_reports_memory_and_flops(tmp_path):
     plan = plan_cli(tmp_path, "model=small", "stage=s1_2k", "stage.batch_tokens=65536", "hardware=tpu_v4_8")

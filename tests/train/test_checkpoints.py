@@ -76,6 +76,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert max(metrics(tmp_path)) == saved[0]
 
 
+@pytest.mark.slow
 def test_checkpoint_from_eight_devices_restores_on_one_and_on_another_layout(tmp_path):
     common = (*FAST, "trainer.log_every=1", "optimizer.decay_steps=6")
     straight = tmp_path / "straight"

@@ -63,7 +63,8 @@ def loglikelihood_tokens(engine, requests: Sequence[tuple[Sequence[int], Sequenc
     """Answers to token-level requests, in their order. Longest first (as lm-eval sorts), so
     neighbours in a batch have similar lengths; each batch is right-padded to `padded_width`
     (padding after a token cannot change its log-prob in a causal model) and, if short, filled
-    up with copies of its last row, so the engine sees few distinct shapes."""
+    up with copies of its last row, so the engine sees few distinct shapes. Only the
+    continuation's positions go through the output head (`Engine.score_tails`)."""
     if not requests:
         return []
     batch_size = max(1, batch_size)
@@ -73,21 +74,16 @@ def loglikelihood_tokens(engine, requests: Sequence[tuple[Sequence[int], Sequenc
             raise ValueError("a log-likelihood request needs at least one continuation token")
         prepared.append(truncate(context, continuation, engine.max_len))
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
-    pad = engine.tokenizer.eos_id
     answers: list[LogLik | None] = [None] * len(prepared)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = padded_width(max(len(prepared[i][0]) for i in rows), engine.max_len)
-        sequences = [prepared[i][0] + [pad] * (width - len(prepared[i][0])) for i in rows]
-        sequences += [sequences[-1]] * (batch_size - len(sequences))
-        scored = engine.score(sequences, top_logprobs=1)
-        for i, s in zip(rows, scored):
+        filler = [rows[-1]] * (batch_size - len(rows))
+        sequences = [prepared[i][0] for i in rows + filler]
+        counts = [prepared[i][1] for i in rows + filler]
+        for i, (logprobs, greedy) in zip(rows, engine.score_tails(sequences, counts, width)):
             tokens, n = prepared[i]
-            end = len(tokens)
-            positions = range(end - n, end)
-            logprob = sum(s.token_logprobs[p] for p in positions)
-            greedy = all(next(iter(s.top_logprobs[p])) == tokens[p] for p in positions)
-            answers[i] = LogLik(float(logprob), greedy)
+            answers[i] = LogLik(float(sum(logprobs)), greedy == tokens[len(tokens) - n :])
     return answers  # type: ignore[return-value]
 
 

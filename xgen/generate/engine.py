@@ -26,6 +26,7 @@ from xgen.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 16  # prompts pad to a multiple of this (fewer compilations)
 SLOT_BUCKET = 128  # cache lengths round up to a multiple of this
+MAX_TOP_LOGPROBS = 5  # alternatives per token that score() can return (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,13 @@ class Completion:
 
 @dataclass
 class Scored:
-    """Log-probabilities of each token given the ones before it (None for the first)."""
+    """Log-probabilities of each token given the ones before it, and the token greedy
+    decoding would have chosen there (None for the first token)."""
 
     tokens: list[int]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
+    greedy_tokens: list[int | None] = field(default_factory=list)
 
 
 def _round_up(n: int, to: int) -> int:
@@ -165,8 +168,9 @@ class Engine:
         self._prefill = jax.jit(self._step_fn)
         self._decode = jax.jit(self._step_fn)
         self._write = jax.jit(write_cache, donate_argnums=0)
-        self._score = jax.jit(self._score_fn)
+        self._score = jax.jit(self._score_fn, static_argnames="top")
         self._next = jax.jit(self._next_fn)
+        self._tail = jax.jit(self._tail_fn)
 
     # ---- device functions -------------------------------------------------------------
 
@@ -195,13 +199,17 @@ class Engine:
         logits, new_kv = self._run(params, tokens, positions, index, caches, pad_start)
         return next_tokens(logits, *sampling), new_kv
 
-    def _score_fn(self, params, tokens):
+    def _score_fn(self, params, tokens, top: int):
+        """Each next token's log-prob, the argmax (greedy) token, and with `top` > 0 the `top`
+        best alternatives (a top-k over the vocabulary at every position costs more than
+        the argmax: only requests that ask for alternatives pay for it)."""
         logits = self._model(params)(tokens)
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
         logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
-        top_lp, top_ids = jax.lax.top_k(logprobs, 5)
-        return chosen, top_ids, top_lp
+        greedy = jnp.argmax(logprobs, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logprobs, top) if top else (None, None)
+        return chosen, greedy, top_ids, top_lp
 
     def _next_fn(self, params, tokens, last, token_ids):
         """log P(token_ids | each row's tokens up to `last`): the output head runs on one
@@ -211,6 +219,19 @@ class Engine:
         logits = model.logits(h)[:, 0]
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
         return jax.nn.log_softmax(logits, axis=-1)[:, token_ids]
+
+    def _tail_fn(self, params, tokens, last):
+        """Log-prob and argmax of each of the `k` tokens ending at position `last` of each row
+        (k = `last`'s second dimension): the output head and softmax run on those positions
+        only, which is most of the cost of scoring short continuations."""
+        model = self._model(params)
+        hidden_at = jnp.maximum(last - 1, 0)  # the state that predicts each scored token
+        h = jnp.take_along_axis(model.hidden(tokens), hidden_at[..., None], axis=1)
+        logits = model.logits(h)
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        targets = jnp.take_along_axis(tokens, last, axis=1)
+        return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], jnp.argmax(logprobs, axis=-1)
 
     def _empty_caches(self, batch: int, slots: int):
         k_shape = (batch, self.n_kv, self.head_dim, slots)  # keys transposed (see KVCache)
@@ -309,16 +330,18 @@ class Engine:
     def score(self, sequences: Sequence[Sequence[int]], top_logprobs: int = 0) -> list[Scored]:
         """log P(token_i | tokens_<i) for every token of every sequence (one forward pass;
         what lm-evaluation-harness's log-likelihood requests need)."""
-        chosen, top_ids, top_lp = jax.device_get(self._score(self.params, self._right_padded(sequences)))
+        top = MAX_TOP_LOGPROBS if top_logprobs else 0  # one compiled program for any 1..5
+        chosen, greedy, top_ids, top_lp = jax.device_get(self._score(self.params, self._right_padded(sequences), top=top))
         result = []
         for i, s in enumerate(sequences):
             n = len(s)
             lps = [None] + [float(x) for x in chosen[i, : n - 1]]
+            argmax = [None] + [int(x) for x in greedy[i, : n - 1]]
             tops = [None] + [
                 {int(t): float(v) for t, v in zip(top_ids[i, j, :top_logprobs], top_lp[i, j, :top_logprobs])}
                 for j in range(n - 1)
             ] if top_logprobs else [None] * n
-            result.append(Scored(tokens=list(s), token_logprobs=lps, top_logprobs=tops))
+            result.append(Scored(tokens=list(s), token_logprobs=lps, top_logprobs=tops, greedy_tokens=argmax))
         return result
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]], token_ids: Sequence[int]) -> np.ndarray:
@@ -329,15 +352,32 @@ class Engine:
         last = np.array([len(p) - 1 for p in prompts], np.int32)
         return np.asarray(jax.device_get(self._next(self.params, tokens, last, np.asarray(token_ids, np.int32))))
 
-    def _right_padded(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def score_tails(
+        self, sequences: Sequence[Sequence[int]], counts: Sequence[int], width: int | None = None
+    ) -> list[tuple[list[float], list[int]]]:
+        """For each sequence, (log-probs, greedy tokens) of its last `counts[i]` tokens (each
+        given everything before it), in one forward pass: what a log-likelihood request of a
+        short continuation needs, without the full sequence's output head. `width` pads the
+        batch to at least that many tokens (callers that bucket shapes themselves)."""
+        if len(counts) != len(sequences) or any(not 0 < n < len(s) for s, n in zip(sequences, counts)):
+            raise ValueError("score_tails needs, per sequence, a count from 1 to its length - 1")
+        tokens = self._right_padded(sequences, width)
+        k = _round_up(max(counts), 8)  # few distinct shapes
+        ends = np.array([len(s) - 1 for s in sequences], np.int32)
+        last = np.maximum(ends[:, None] - np.arange(k - 1, -1, -1)[None, :], 0).astype(np.int32)
+        chosen, greedy = jax.device_get(self._tail(self.params, tokens, last))
+        return [([float(x) for x in chosen[i, k - n :]], [int(x) for x in greedy[i, k - n :]]) for i, n in enumerate(counts)]
+
+    def _right_padded(self, sequences: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
         """One batch, padded on the right (later pads cannot change earlier tokens' numbers)
-        to a multiple of PROMPT_BUCKET (fewer compilations)."""
+        to a multiple of PROMPT_BUCKET (fewer compilations), or to `width` if wider."""
         if not sequences or any(len(s) == 0 for s in sequences):
             raise ValueError("cannot score an empty sequence (or an empty batch)")
         longest = max(len(s) for s in sequences)
         if longest > self.max_len:
             raise ValueError(f"a sequence of {longest} tokens exceeds the model's {self.max_len}")
-        tokens = np.zeros((len(sequences), min(_round_up(longest, PROMPT_BUCKET), self.max_len)), np.int32)
+        width = max(width or 0, min(_round_up(longest, PROMPT_BUCKET), self.max_len))
+        tokens = np.zeros((len(sequences), min(width, self.max_len)), np.int32)
         for i, s in enumerate(sequences):
             tokens[i, : len(s)] = s
         return tokens
