@@ -347,3 +347,27 @@ def test_missing_data_fails_before_the_model_loads(run_eval, tmp_path, monkeypat
     (tmp_path / "mt_bench" / "question.jsonl").write_text('{"question_id": 1, "category": "math", "turns": ["only one"]}\n')
     with pytest.raises(ConfigError, match=r"question\.jsonl: record 1 is not"):
         run_eval(tmp_path / "run", "eval=mt_bench", "checkpoint=unused", f"data_dir={tmp_path}")
+
+
+def test_xgens_own_server_can_be_the_judge(tiny_engine, tmp_path):
+    """`task=serve` speaks the protocol the client needs: the reply is the model's greedy
+    answer to the rendered judging prompt (a random model's verdict is unreadable, and says so)."""
+    from xgen.config import ChatTemplateConfig
+    from xgen.generate.chat import render_prompt, stop_strings
+    from xgen.generate.engine import SamplingSettings
+    from xgen.serve import XGenServer
+
+    template = ChatTemplateConfig(system="")
+    server = XGenServer(tiny_engine, port=0, model_name="xgen", template=template, max_batch=1, batch_wait_ms=0).start()
+    try:
+        fields = {"base_url": server.url + "/v1", "model": "xgen", "cache_dir": str(tmp_path), "max_tokens": 6}
+        client = JudgeClient(JudgeConfig(**fields), backoff_s=0.0)
+        messages = [{"role": "user", "content": "Rate this answer: 4. Your rating: [[n]]"}]
+        reply = client.complete(messages)
+    finally:
+        server.close()
+    prompt = tiny_engine.tokenizer.encode(render_prompt(template, messages))
+    settings = SamplingSettings(max_new_tokens=6, stop=tuple(stop_strings(template)))
+    expected = tiny_engine.generate([prompt], settings)[0].text
+    assert client.sent == 1 and reply.strip() == expected.strip()
+    assert jp.parse_rating(reply) is None
