@@ -254,11 +254,12 @@ def test_path_matching_no_file_names_the_source(tmp_path, tok, pattern):
     [
         ("notes.json", b"Just some notes,\nnot JSON at all.\n"),
         ("broken.json", b'[{"instruction": "a", "output": "b"},'),
-        ("cut.jsonl.gz", gzip.compress(b'{"instruction": "a", "output": "b"}\n' * 200)[:60]),
+        ("cut.jsonl.gz", gzip.compress(b'{"instruction": "a", "output": "b"}\n' * 200, mtime=0)[:60]),
         ("fake.jsonl.gz", b"plain text, not gzip"),
         ("fake.parquet", b"not parquet"),
         ("data.csv", b"instruction,output\n"),
     ],
+    ids=["notes.json", "broken.json", "cut.jsonl.gz", "fake.jsonl.gz", "fake.parquet", "data.csv"],  # xdist compares ids
 )
 def test_unreadable_file_names_the_file(tmp_path, tok, name, data):
     if name.endswith(".parquet"):
