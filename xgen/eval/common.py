@@ -117,6 +117,19 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def input_budget(max_len: int, max_new_tokens: int, max_input_tokens: int | None) -> int:
+    """The longest prompt: what the model's length leaves after the answer, or
+    `eval.max_input_tokens` if smaller."""
+    room = max_len - max_new_tokens
+    budget = min(room, max_input_tokens) if max_input_tokens else room
+    if budget < 1:
+        raise ConfigError(
+            f"eval.max_new_tokens={max_new_tokens} leaves no room for input in the model's {max_len} "
+            "tokens (lower it or raise generate.max_len)"
+        )
+    return budget
+
+
 TRUNCATION_SIDES = ("left", "right", "middle")
 
 

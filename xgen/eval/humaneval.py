@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from xgen.config import ConfigError
-from xgen.eval.common import ItemStore, Progress, batched, check_truncation, markdown, model_label, read_records, truncate_tokens, write_result
+from xgen.eval.common import ItemStore, Progress, batched, check_truncation, input_budget, markdown, model_label, read_records, truncate_tokens, write_result
 from xgen.eval.sandbox import ExecResult, Sandbox
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,7 @@ class EngineCompleter:
     def __init__(self, engine, *, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str],
                  seed: int, max_input_tokens: int | None = None, truncation: str = "left"):  # fmt: skip
         self.engine, self.seed, self.truncation = engine, seed, truncation
-        self.budget = engine.max_len - max_new_tokens
-        if max_input_tokens:
-            self.budget = min(self.budget, max_input_tokens)
-        if self.budget < 1:
-            raise ConfigError(
-                f"HumanEval: eval.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                f"{engine.max_len} tokens (lower it or raise generate.max_len)"
-            )
+        self.budget = input_budget(engine.max_len, max_new_tokens, max_input_tokens)
         self.max_new_tokens, self.temperature, self.top_p, self.stop = max_new_tokens, temperature, top_p, tuple(stop)
         self._prompt_ids: dict[str, list[int]] = {}
 

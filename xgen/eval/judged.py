@@ -39,6 +39,7 @@ from xgen.eval.common import (
     read_records,
     require_file,
     check_truncation,
+    input_budget,
     truncate_tokens,
     write_result,
 )
@@ -154,7 +155,7 @@ class Answerer:
         ev = cfg.eval
         check_truncation(ev.truncation)  # before the model loads
         self.engine, self.template = engine, cfg.chat_template
-        self.budget = input_budget(cfg, engine.max_len)
+        self.budget = input_budget(engine.max_len, cfg.eval.max_new_tokens, cfg.eval.max_input_tokens)
         self.side = ev.truncation
         stop = tuple(dict.fromkeys([*stop_strings(cfg.chat_template), *ev.stop]))
         self.settings = SamplingSettings(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
@@ -188,15 +189,6 @@ class Answerer:
         settings = [dataclasses.replace(self.settings, seed=p.seed) for p in prompts]
         completions = self.engine.generate([ids for ids, _ in fitted], settings)
         return [(c.text.strip(), cut) for c, (_, cut) in zip(completions, fitted)]
-
-
-def input_budget(cfg, max_len: int) -> int:
-    room = max_len - cfg.eval.max_new_tokens
-    budget = min(room, cfg.eval.max_input_tokens) if cfg.eval.max_input_tokens else room
-    if budget <= 0:
-        raise ConfigError(f"eval.max_new_tokens={cfg.eval.max_new_tokens} leaves no room for input in "
-                          f"the model's {max_len} tokens (generate.max_len)")  # fmt: skip
-    return budget
 
 
 def _seed(cfg, item_id: str, turn: int = 0) -> int:

@@ -32,6 +32,7 @@ from xgen.eval.common import (
     model_label,
     read_records,
     check_truncation,
+    input_budget,
     truncate_tokens,
     write_result,
 )
@@ -113,17 +114,6 @@ def fit_prompt(tokenizer, template, item: Dialogue, max_tokens: int, side: str) 
             return Prompt(item, ids, len(dialogue_ids) - keep)
         keep -= len(ids) - max_tokens
     raise ConfigError(f"{WHAT}: a prompt of at most {max_tokens} tokens has no room for the transcript (eval.max_input_tokens)")
-
-
-def input_budget(max_len: int, max_new_tokens: int, max_input_tokens: int | None) -> int:
-    """The longest prompt: eval.max_input_tokens, or what the model's length leaves."""
-    room = max_len - max_new_tokens
-    if room <= 0 or (max_input_tokens is not None and max_input_tokens > room):
-        raise ConfigError(
-            f"{WHAT}: eval.max_input_tokens={max_input_tokens} + eval.max_new_tokens={max_new_tokens} "
-            f"do not fit the model's {max_len} positions (generate.max_len)"
-        )
-    return room if max_input_tokens is None else max_input_tokens
 
 
 # ---- scoring ----------------------------------------------------------------------------
