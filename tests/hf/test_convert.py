@@ -165,10 +165,10 @@ def test_non_llama_input_is_refused_in_one_line(llama_dir, tmp_path, case):
 def test_directories_without_a_model_are_refused(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="no config.json there"):
         xgen.hf.load(tmp_path)
-    bin_only = broken_copy(llama_dir, tmp_path / "bin")
-    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
-    with pytest.raises(ConfigError, match=r"only safetensors weights import"):
-        xgen.hf.load(bin_only)
+    misnamed = broken_copy(llama_dir, tmp_path / "bin")
+    (misnamed / "model.safetensors").rename(misnamed / "pytorch_model.bin")  # .bin import: test_import_bin.py
+    with pytest.raises(ConfigError, match=r"pytorch_model.bin is not a PyTorch weights file"):
+        xgen.hf.load(misnamed)
     inv_freq = _add("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(8, np.float32))
     old_buffers = broken_copy(llama_dir, tmp_path / "inv_freq", tensors=inv_freq)
     assert xgen.hf.load(old_buffers)[0].n_layers == 2  # older transformers' saved buffers are skipped
