@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +69,8 @@ def test_an_interrupted_prepare_resumes_without_losing_or_duplicating(tmp_path, 
 
     real_read = prepare_module.read_documents
 
-    def crash_in_part_1(path, spec, counts):
-        for i, doc in enumerate(real_read(path, spec, counts)):
+    def crash_in_part_1(path, spec, counts, parts=()):
+        for i, doc in enumerate(real_read(path, spec, counts, parts)):
             if path.endswith("part-1.jsonl.gz") and i == 60:
                 raise KeyboardInterrupt("killed mid-file")
             yield doc
@@ -108,3 +109,141 @@ def test_prepare_task_with_worker_processes_then_training_on_the_shards(tmp_path
     records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3 and np.isfinite(records[-1]["loss"])
     assert set(records[-1]["data_epochs"]) == {"natural_language", "code"}
+    mix = json.loads((tmp_path / "t" / "data_mix.json").read_text())
+    parts = {p["part"]: p for p in mix["parts"]}
+    assert set(parts) == {"natural_language", "code"}
+    assert sum(p["weight"] for p in parts.values()) == pytest.approx(1.0, abs=1e-5)
+    assert parts["code"]["configured_weight"] == pytest.approx(0.0469, abs=1e-4)
+    nl = parts["natural_language"]
+    prepared = totals["natural_language"]
+    for reason in ("dropped_short", "malformed_json", "invalid_utf8", "missing_field", "corrupt_files", "empty_files"):
+        assert nl["dropped"][reason] == prepared[reason] > 0, reason  # what prepare dropped, not "0 dropped"
+    assert {"source", "documents", "tokens"} <= set(nl) and nl["documents"] > 0 and nl["tokens"] > 0
+    log_text = "".join(p.read_text() for p in (tmp_path / "t").glob("*.log")) + proc.stderr
+    assert "data mixture:" in log_text and "dropped_short" in log_text
+
+
+def small_source(tmp_path, n=6):
+    raw = tmp_path / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    docs = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 12 for i in range(n)]
+    for k in range(2):
+        (raw / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[k::2]))
+    return raw
+
+
+def prep(tmp_path, out, pattern):
+    from xgen.config import PrepareConfig, RawInputConfig
+
+    return prepare_source("s", out, RawInputConfig(paths=[pattern]), Tokenizer.xgen(), 10, PrepareConfig(workers=0))
+
+
+def test_inputs_are_identified_by_content_not_by_path(tmp_path, monkeypatch):
+    raw = small_source(tmp_path)
+    out = tmp_path / "prepared"
+    first = prep(tmp_path, out, str(raw / "*.jsonl"))
+    assert first["documents"] == 6
+    monkeypatch.chdir(tmp_path)  # data_dir=data against data_dir=$PWD/data
+    assert prep(tmp_path, out, "raw/*.jsonl") == first
+    (raw / "part-0.jsonl").rename(raw / "renamed-0.jsonl")  # a renamed raw file
+    shutil.copy(raw / "part-1.jsonl", raw / "copy-of-1.jsonl")  # the same file twice
+    again = prep(tmp_path, out, str(raw / "*.jsonl"))
+    assert again["documents"] == 6 and again["duplicate_files"] == 1
+    copied = tmp_path / "copied"
+    shutil.copytree(out, copied)  # a copied prepared folder: nothing to redo, nothing doubled
+    assert prep(tmp_path, copied, str(raw / "*.jsonl"))["documents"] == 6
+    assert all_texts(copied) == all_texts(out)
+
+
+def all_texts(out):
+    store = ShardStore(out, Tokenizer.xgen())
+    return sorted(Tokenizer.xgen().decode(store.tokens(i)) for i in range(len(store)))
+
+
+def test_a_raw_file_that_changed_is_prepared_again_and_its_old_documents_go(tmp_path):
+    raw = small_source(tmp_path)
+    out = tmp_path / "prepared"
+    prep(tmp_path, out, str(raw / "*.jsonl"))
+    old_shards = set((out / "shards").iterdir())
+    path = raw / "part-1.jsonl"
+    path.write_text(json.dumps({"text": "A new version of the file. " * 10}) + "\n")
+    totals = prep(tmp_path, out, str(raw / "*.jsonl"))
+    assert totals["documents"] == 4 and totals["files"] == 2
+    texts = all_texts(out)
+    assert any(t.startswith("A new version") for t in texts) and not any(t.startswith("Document 1.") for t in texts)
+    assert len(old_shards - set((out / "shards").iterdir())) == 2  # the old file's shard and index, deleted
+    path.unlink()  # raw data deleted after preparing: its documents are kept
+    assert prep(tmp_path, out, str(raw / "*.jsonl"))["documents"] == 4
+
+
+def test_dangling_symlinks_are_counted_and_a_pattern_of_only_dangling_links_is_an_error(tmp_path):
+    raw = small_source(tmp_path)
+    (raw / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    totals = prep(tmp_path, tmp_path / "prepared", str(raw / "*.jsonl"))
+    assert totals["dangling_symlinks"] == 1 and totals["documents"] == 6
+    with pytest.raises(ConfigError, match=r"match no file \(1 dangling symlinks\)"):
+        prep(tmp_path, tmp_path / "other", str(raw / "gone.jsonl"))
+
+
+def test_data_prepared_in_the_old_layout_or_with_other_raw_settings_is_refused_in_one_line(tmp_path):
+    from xgen.config import PrepareConfig, RawInputConfig
+
+    raw = small_source(tmp_path)
+    out = tmp_path / "prepared"
+    prep(tmp_path, out, str(raw / "*.jsonl"))
+    with pytest.raises(ConfigError, match="was prepared with raw="):
+        prepare_source("s", out, RawInputConfig(paths=[str(raw / "*")], meta={"lang": "language"}), Tokenizer.xgen(), 10, PrepareConfig(workers=0))
+    m = json.loads((out / "manifest.json").read_text())
+    m["format"] = "xgen-shards-v1"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="format 'xgen-shards-v1' is not 'xgen-shards-v2'; prepare it again"):
+        ShardStore(out, Tokenizer.xgen())
+
+
+def long_document_store(tmp_path, n_tokens: int):
+    """A prepared source holding one document of `n_tokens` (written without tokenizing)."""
+    from xgen.config import RawInputConfig
+    from xgen.data.prepare import MANIFEST, _ShardWriter, new_manifest, summarize
+
+    out = tmp_path / f"long{n_tokens}"
+    (out / "shards").mkdir(parents=True)
+    tokens = (np.arange(n_tokens) % 50_000).astype(np.uint16)
+    writer = _ShardWriter(out / "shards", "long", 10**12, [])
+    writer.write(tokens, {})
+    tok = Tokenizer.xgen()
+    manifest = new_manifest("long", tok, RawInputConfig(), 0, [])
+    manifest["files"]["long"] = {"paths": ["long"], "shards": writer.commit(), "documents": 1, "tokens": n_tokens, "counts": {}, "tokens_by": {}}
+    manifest["totals"] = summarize(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return ShardStore(out, tok), tokens
+
+
+def test_a_window_of_a_ten_million_token_document_reads_only_the_records_it_covers(tmp_path):
+    from xgen.data.packing import PackedWindows
+    from xgen.data.prepare import CHUNK_TOKENS
+
+    n = 10_000_000
+    store, tokens = long_document_store(tmp_path, n)
+    reads = []
+    source = store._source
+
+    class Counting:
+        def __getitem__(self, i):
+            reads.append(i)
+            return source[i]
+
+        def __len__(self):
+            return len(source)
+
+    store._source = Counting()
+    windows = PackedWindows(store, np.array([0]), seq_len=8192, eot_id=50256)
+    assert len(windows) == n // 8192
+    for i in (0, 1, 617, len(windows) - 1):
+        reads.clear()
+        got = windows[i]["tokens"]
+        want = np.concatenate([tokens, [50256]])[i * 8192 : i * 8192 + 8193]
+        np.testing.assert_array_equal(got, want)
+        assert len(reads) <= 2, reads  # of n / CHUNK_TOKENS records
+    assert n // CHUNK_TOKENS > 300
+    tail = store.tokens(0, n - 5, n + 100)  # a slice past the end stops at the end
+    np.testing.assert_array_equal(tail, tokens[-5:])

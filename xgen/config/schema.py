@@ -62,11 +62,16 @@ class RawInputConfig:
 
     # Files or glob patterns; local paths or any fsspec URL (gs://... with gcsfs installed).
     paths: list[str] = field(default_factory=list)
-    # jsonl | parquet | text; None infers it from each file name (.jsonl[.gz|.zst], .parquet, else text).
+    # jsonl | json (a JSON array, or lines) | parquet | text; None infers it from each file
+    # name (.jsonl/.json/.parquet, under .gz/.zst/.bz2/.xz; anything else is text).
     format: Optional[str] = None
+    # Address of the text in a record (see `meta`).
     text_field: str = "text"
-    # Metadata kept per document (e.g. language, license, repository, source).
-    meta_fields: list[str] = field(default_factory=list)
+    # Metadata kept per document: stored name -> address. An address is a dotted path into
+    # the record (`meta.redpajama_set_name`), `[]` maps over a list (`meta.language[].name`),
+    # and `path:N` is the Nth folder of the file's path below the pattern's fixed prefix
+    # (`path:-2`: the folder holding the file). List values are kept as lists.
+    meta: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,11 +87,19 @@ class SourceConfig:
     raw: Optional[RawInputConfig] = None
     # Keep at most this many documents (chosen by the data seed); None keeps all.
     max_documents: Optional[int] = None
-    # Licenses allowed (metadata field `license`); empty allows every document.
-    licenses: list[str] = field(default_factory=list)
+    # Licenses allowed (metadata field `license`; a list value passes when any element is
+    # allowed). null: no license filter (data already filtered, as StarCoderData is). A list
+    # over data without license metadata is an error, never an empty part.
+    licenses: Optional[list[str]] = None
+    # Keep only documents whose metadata field has one of these values (any element of a
+    # list value): {subset: [RedPajamaC4, RedPajamaBook]} selects SlimPajama subsets.
+    where: dict[str, list[str]] = field(default_factory=dict)
     # Split the source by this metadata field and weight each part by its share of the
     # source's tokens in the manifest (StarCoder's per-language weights).
     weight_by: Optional[str] = None
+    # A part (or the whole source) that filters leave empty is an error; true skips it,
+    # logged and recorded in data_mix.json, and the other parts take its share.
+    allow_empty: bool = False
 
 
 @dataclass
@@ -105,6 +118,9 @@ class DataMixConfig:
     # Attention never crosses a document boundary (segment ids and positions per document).
     # Off by default, as the report: documents are concatenated and attend across EOT.
     document_masking: bool = False
+    # Largest relative difference between a source's sampling weight (after empty parts and
+    # grain's integer proportions) and its configured share before start-up fails.
+    weight_tolerance: float = 0.02
 
 
 @dataclass
@@ -264,7 +280,7 @@ class PrepareConfig:
     shard_tokens: int = 50_000_000
     # Metadata fields whose per-value token counts go into the manifest (for `weight_by`);
     # keep to low-cardinality fields.
-    count_tokens_by: list[str] = field(default_factory=lambda: ["language", "license", "source"])
+    count_tokens_by: list[str] = field(default_factory=lambda: ["language", "license", "source", "subset"])
 
 
 @dataclass
@@ -279,7 +295,8 @@ class SFTSourceConfig:
     """One instruction dataset on local disk (home: `xgen.sft.formats`)."""
 
     # alpaca (instruction/input/output) | sharegpt (conversations from/value) | oasst
-    # (message trees: the highest-ranked path) | dolly (instruction/context/response) |
+    # (the highest-ranked path of each message tree: the trees export, or message rows as on
+    # Hugging Face, linked by parent_id) | dolly (instruction/context/response) |
     # baize ([|Human|]/[|AI|] dialogues) | scrolls (input/output long-document tasks)
     format: str = MISSING
     paths: list[str] = field(default_factory=list)  # files or globs: .json, .jsonl(.gz), .parquet
@@ -408,6 +425,8 @@ class ChatTemplateConfig:
     human: str = "### Human: {content}\n"
     assistant_prefix: str = "### Assistant:"
     # Appended after every assistant turn in training; the sampler stops on it (end of text).
+    # In SFT data it is the only control token: special-token strings inside a conversation
+    # (this one included) are tokenized as plain text, as in pre-training.
     end: str = "<|endoftext|>"
     # Generation also stops at the next turn's marker.
     stop: list[str] = field(default_factory=lambda: ["### Human:"])

@@ -6,18 +6,25 @@ the mixture); `MapDataset.mix` interleaves the parts by weight, exactly and
 deterministically. Element i of the mixture is sequence i of the run: host p of P takes
 elements p, p+P, ... (grain's sharding by process index), so the hosts' batches of a
 step together are the single-host batch. The iterator's state is saved in checkpoints.
+
+Nothing is lost quietly: a part with no sequence, or a source whose sampled share differs
+from its configured one (a part went missing), stops the run at start-up in one line
+unless the source says `allow_empty`; every run logs the mixture as a table and writes it
+to `data_mix.json`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import grain
 
 from xgen.config import ConfigError, DataMixConfig, LoaderConfig, StageConfig
-from xgen.data.mixture import mixture_counts, select_parts
+from xgen.data.mixture import Part, integer_proportions, mixture_counts, select_parts
 from xgen.data.packing import PackedWindows, to_model_batch
 from xgen.data.sources import open_store
 from xgen.tokenizer import Tokenizer
@@ -27,7 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataPipeline:
-    """`dataset[i]` is this host's share of the batch of step i + 1."""
+    """`dataset[i]` is this host's share of the batch of step i + 1; `report` is what each
+    part holds and weighs (written to the run's `data_mix.json`)."""
 
     dataset: grain.MapDataset
     names: list[str]
@@ -35,6 +43,7 @@ class DataPipeline:
     weights: list[float]
     global_batch: int
     read_options: grain.ReadOptions
+    report: dict = field(default_factory=dict)
 
     def iterator(self) -> grain.DatasetIterator:
         """Batches in step order, built ahead by grain's threads; checkpointable state."""
@@ -44,6 +53,43 @@ class DataPipeline:
         """Epochs of each part consumed after `steps` steps (1.0 = every window once)."""
         counts = mixture_counts(steps * self.global_batch, self.weights) if len(self.weights) > 1 else [steps * self.global_batch]
         return {n: round(c / len(p), 4) for n, c, p in zip(self.names, counts, self.parts)}
+
+    def write_report(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "data_mix.json").write_text(json.dumps(self.report, indent=1) + "\n")
+
+
+def sampling_weights(weights: list[float]) -> list[float]:
+    """The shares grain's `MapDataset.mix` actually draws (its integer proportions)."""
+    if len(weights) == 1:
+        return [1.0]
+    ints = integer_proportions(weights)
+    return [i / sum(ints) for i in ints]
+
+
+def _empty_part_error(mix: DataMixConfig, part: Part, packed: PackedWindows, seq_len: int) -> str:
+    what = "no documents" if not len(part.docs) else f"{packed.total_tokens} tokens, not one sequence of stage.seq_len={seq_len}"
+    return (
+        f"data_mix.sources.{part.source}: part {part.name} has {what} "
+        f"(dropped: {part.dropped or 'nothing'}); set data_mix.sources.{part.source}.allow_empty=true to run without it"
+    )
+
+
+def _check_source_weights(mix: DataMixConfig, rows: list[dict]) -> None:
+    """Each source's share as sampled against its configured share (over the parts that
+    run: a part skipped by `allow_empty` gives its share to all the others), so weights
+    that grain's integer proportions cannot draw fail here instead of shifting the mix."""
+    running = [r for r in rows if "skipped" not in r]
+    total = sum(r["configured_weight"] for r in running)
+    for name in mix.sources:
+        want = sum(r["configured_weight"] for r in running if r["source"] == name) / total
+        got = sum(r["weight"] for r in running if r["source"] == name)
+        if abs(got - want) > mix.weight_tolerance * want:
+            raise ConfigError(
+                f"data_mix.sources.{name}: sampled share {got:.4f} differs from the configured {want:.4f} "
+                f"by more than data_mix.weight_tolerance={mix.weight_tolerance} (parts: "
+                + ", ".join(f"{r['part']} {r['weight']:.4f}" for r in running if r["source"] == name) + ")"
+            )
 
 
 def build_pipeline(
@@ -58,24 +104,42 @@ def build_pipeline(
     global_batch = stage.batch_tokens // stage.seq_len
     if global_batch % process_count:
         raise ConfigError(f"a batch of {global_batch} sequences does not split over {process_count} processes")
-    names, parts, weights, datasets = [], [], [], []
+    kept: list[tuple[Part, PackedWindows]] = []
+    rows: list[dict] = []
+    sources: dict[str, dict] = {}
     for name, src in mix.sources.items():
         store = open_store(name, src, tokenizer, mix.seed)
+        counts = store.prepare_counts()
+        sources[name] = {"documents_prepared": len(store), **({"prepare": counts} if counts else {})}
         for part in select_parts(name, src, store, mix, stage.name):
             packed = PackedWindows(store, part.docs, seq_len=stage.seq_len, eot_id=tokenizer.eos_id)
-            log.info(
-                "data %s: %d documents (%d under %d tokens dropped of %d), %d tokens, %d sequences of %d, weight %.4f",
-                part.name, len(part.docs), int((store.lengths < mix.min_doc_tokens).sum()), mix.min_doc_tokens,
-                len(store), packed.total_tokens, len(packed), stage.seq_len, part.weight,
-            )  # fmt: skip
+            row = {"source": name, "part": part.name, "configured_weight": part.weight, "weight": 0.0,
+                   "documents": len(part.docs), "tokens": int(store.lengths[part.docs].sum()),
+                   "sequences": len(packed), "dropped": part.dropped}  # fmt: skip
+            rows.append(row)
             if len(packed) == 0:
-                raise ConfigError(
-                    f"data_mix.sources.{name}: {part.name} has {packed.total_tokens} tokens, "
-                    f"not one sequence of stage.seq_len={stage.seq_len}"
-                )
-            seed = mix.seed + len(datasets)
-            datasets.append(grain.MapDataset.source(packed).shuffle(seed=seed).repeat())
-            names.append(part.name), parts.append(packed), weights.append(part.weight)
+                if not part.allow_empty:
+                    raise ConfigError(_empty_part_error(mix, part, packed, stage.seq_len))
+                row["skipped"] = "empty (allow_empty)"
+                log.warning("data %s: %s", part.name, _empty_part_error(mix, part, packed, stage.seq_len))
+                continue
+            kept.append((part, packed))
+    if not kept:
+        raise ConfigError(f"data_mix={mix.name}: no part has a sequence of stage.seq_len={stage.seq_len}")
+    total_configured = sum(r["configured_weight"] for r in rows)
+    for r in rows:
+        r["configured_weight"] = round(r["configured_weight"] / total_configured, 6)
+    used = iter(sampling_weights([p.weight for p, _ in kept]))
+    for r in rows:
+        if "skipped" not in r:
+            r["weight"] = round(next(used), 6)
+    _check_source_weights(mix, rows)
+    _log_table(rows, stage.seq_len)
+
+    datasets = []
+    for k, (part, packed) in enumerate(kept):
+        datasets.append(grain.MapDataset.source(packed).shuffle(seed=mix.seed + k).repeat())
+    weights = [p.weight for p, _ in kept]
     mixed = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
     if process_count > 1:
         mixed = mixed[process_index::process_count]
@@ -84,5 +148,20 @@ def build_pipeline(
     )
     loader = loader or LoaderConfig()
     read_options = grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=loader.prefetch_batches)
-    return DataPipeline(dataset, names, parts, weights, global_batch, read_options)
+    report = {"data_mix": mix.name, "stage": stage.name, "seq_len": stage.seq_len, "parts": rows, "sources": sources}
+    return DataPipeline(
+        dataset, [p.name for p, _ in kept], [w for _, w in kept], weights, global_batch, read_options, report
+    )
 
+
+def _log_table(rows: list[dict], seq_len: int) -> None:
+    """The mixture as one table in the log: what each part holds, weighs and lost."""
+    header = f"{'part':<32} {'configured':>10} {'weight':>8} {'documents':>10} {'tokens':>14} {'seqs@' + str(seq_len):>10}  dropped"
+    lines = [header]
+    for r in rows:
+        dropped = ", ".join(f"{k} {v}" for k, v in r["dropped"].items()) or "-"
+        lines.append(
+            f"{r['part']:<32} {r['configured_weight']:>10.4f} {r['weight']:>8.4f} {r['documents']:>10,} "
+            f"{r['tokens']:>14,} {r['sequences']:>10,}  {dropped}{'  SKIPPED' if 'skipped' in r else ''}"
+        )
+    log.info("data mixture:\n%s", "\n".join(lines))

@@ -4,7 +4,9 @@ Documents (in a given order) are concatenated with one `<|endoftext|>` after eac
 into windows of `seq_len + 1` tokens with stride `seq_len`: inputs are the first
 `seq_len`, targets the last `seq_len`, so every token of the stream is a target once. A
 document longer than a sequence continues into the next. Window i is computed from the
-documents' cumulative offsets, so any window can be read without building the stream.
+documents' cumulative offsets, so any window can be read without building the stream, and
+it reads only its own slice of each document it covers (`DocumentStore.tokens(doc, start,
+stop)`): the cost of a window does not grow with the length of a document.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ class PackedWindows:
         last = int(np.searchsorted(self.offsets, hi - 1, side="right")) - 1
         tokens, segments, positions = [], [], []
         for k in range(first, last + 1):
-            doc = np.concatenate([self.store.tokens(self.docs[k]), [self.eot_id]]).astype(np.int32)
-            start = max(lo - self.offsets[k], 0)
-            stop = min(hi - self.offsets[k], len(doc))
-            tokens.append(doc[start:stop])
+            size = int(self.offsets[k + 1] - self.offsets[k])  # the document and its end-of-text
+            start = max(lo - int(self.offsets[k]), 0)
+            stop = min(hi - int(self.offsets[k]), size)
+            piece = self.store.tokens(self.docs[k], start, stop).astype(np.int32)  # only what the window covers
+            if stop == size:
+                piece = np.concatenate([piece, np.asarray([self.eot_id], np.int32)])
+            tokens.append(piece)
             segments.append(np.full(stop - start, k + 1, np.int32))
             positions.append(np.arange(start, stop, dtype=np.int32))
         return {

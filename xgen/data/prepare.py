@@ -2,16 +2,25 @@
 
 Layout of a prepared source directory (the source's `path`):
 
-    manifest.json                         what is in it: files done, documents, tokens,
-                                          drop and error counts, tokenizer identity
-    shards/<file-hash>-<part>.array_record one record per document (uint16 token ids)
-    shards/<file-hash>-<part>.index.npz   per-document token counts and metadata, so that
-                                          mixing and filtering never read the tokens
+    manifest.json                            what is in it: input files done (by content),
+                                             documents, tokens, drop and error counts,
+                                             tokenizer identity
+    shards/<content-hash>-<part>.array_record a document as records of at most CHUNK_TOKENS
+                                             uint16 token ids, so a window of a long
+                                             document reads only the chunks it covers
+    shards/<content-hash>-<part>.index.npz   per-document token counts, record counts and
+                                             metadata, so mixing and filtering never read
+                                             the tokens
 
-Work is committed one input file at a time: a file's shards are written under temporary
-names, renamed when the file is complete, and only then recorded in the manifest (written
-atomically). Running `prepare` again skips recorded files and deletes any shard that the
-manifest does not name, so an interrupted run neither loses nor duplicates a document.
+Input files are identified by their content (a BLAKE2 hash, cached by path, size and
+modification time), not by the path string: `data_dir=data` and `data_dir=$PWD/data`, a
+renamed raw file, a copied file or a copied prepared folder never duplicate a document,
+and a file whose content changed since it was prepared is prepared again (its old shards
+go). Work is committed one input file at a time: a file's shards are written under
+temporary names, renamed when the file is complete, and only then recorded in the manifest
+(written atomically). Running `prepare` again skips recorded files and deletes any shard
+that the manifest does not name, so an interrupted run neither loses nor duplicates a
+document.
 Tokenization runs in worker processes with a bounded number of batches in flight, so
 memory stays flat however large the input.
 """
@@ -29,7 +38,7 @@ from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import fsspec
 import numpy as np
@@ -42,22 +51,90 @@ from xgen.tokenizer.xgen import encode_to_arrays
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-FORMAT = "xgen-shards-v1"
+FORMAT = "xgen-shards-v2"
+CHUNK_TOKENS = 1 << 15  # tokens per record: 64 KiB of uint16, a few windows of 8K
+_WILDCARDS = set("*?[")
 
 
-def expand_paths(patterns: list[str]) -> list[str]:
-    """Sorted files matching the patterns (local globs or fsspec URLs)."""
-    files: set[str] = set()
+class RawFile(NamedTuple):
+    path: str  # local real path, or an fsspec URL
+    parts: tuple[str, ...]  # the path below its pattern's fixed prefix (for `path:N` metadata)
+
+
+@dataclass
+class Expanded:
+    files: list[RawFile]
+    dangling_symlinks: list[str]
+
+
+def _fixed_prefix(pattern: str) -> str:
+    """The folders of a glob pattern before its first wildcard."""
+    kept = []
+    for part in pattern.split("/")[:-1]:
+        if _WILDCARDS & set(part):
+            break
+        kept.append(part)
+    return "/".join(kept)
+
+
+def _parts_below(path: str, prefix: str) -> tuple[str, ...]:
+    rel = path[len(prefix) :].lstrip("/") if prefix and path.startswith(prefix) else path
+    return tuple(p for p in rel.split("/") if p)
+
+
+def expand_paths(patterns: list[str]) -> Expanded:
+    """Files matching the patterns (local globs or fsspec URLs), sorted, each once, and the
+    dangling symlinks among the matches (counted, never silently skipped)."""
+    found: dict[str, tuple[str, ...]] = {}
+    dangling: list[str] = []
     for pattern in patterns:
         if "://" in pattern:
             try:
                 fs, _, paths = fsspec.get_fs_token_paths(pattern)
             except (ImportError, ValueError) as ex:  # e.g. gs:// without gcsfs installed
                 raise ConfigError(f"raw input {pattern}: {ex}")
-            files.update(fs.unstrip_protocol(p) for p in paths)
-        else:
-            files.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-    return sorted(files)
+            prefix = _fixed_prefix(pattern)
+            for p in paths:
+                url = fs.unstrip_protocol(p)
+                found.setdefault(url, _parts_below(url, prefix))
+            continue
+        pattern = os.path.expanduser(pattern)
+        prefix = os.path.abspath(_fixed_prefix(pattern) or ".")
+        for match in glob.glob(pattern, recursive=True):
+            if os.path.islink(match) and not os.path.exists(match):
+                dangling.append(match)
+            elif os.path.isfile(match):
+                found.setdefault(os.path.realpath(match), _parts_below(os.path.abspath(match), prefix))
+    return Expanded([RawFile(p, found[p]) for p in sorted(found)], sorted(set(dangling)))
+
+
+def _stat_key(path: str) -> list:
+    """What says a file is unchanged without reading it: size and modification time."""
+    if "://" in path:
+        fs, _, (p,) = fsspec.get_fs_token_paths(path)
+        info = fs.info(p)
+        return [info.get("size"), str(info.get("mtime") or info.get("updated") or info.get("etag") or "")]
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def content_digest(path: str) -> str:
+    """BLAKE2b-128 of the file's bytes: the file's identity in a manifest."""
+    h = hashlib.blake2b(digest_size=16)
+    with fsspec.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_cached(path: str, cache: dict[str, list]) -> str:
+    key = _stat_key(path)
+    hit = cache.get(path)
+    if hit is not None and hit[:-1] == key:
+        return hit[-1]
+    digest = content_digest(path)
+    cache[path] = [*key, digest]
+    return digest
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
@@ -74,38 +151,58 @@ def new_manifest(
         "source": name,
         "tokenizer": {"identity": tokenizer.identity, "n_tokens": tokenizer.n_tokens},
         "token_dtype": "uint16" if tokenizer.n_tokens <= 2**16 else "uint32",
+        "chunk_tokens": CHUNK_TOKENS,
         "min_doc_tokens": min_doc_tokens,
-        "meta_fields": list(spec.meta_fields),
-        "count_tokens_by": [f for f in count_by if f in spec.meta_fields],
+        "raw": _raw_identity(spec),
+        "meta_fields": list(spec.meta),
+        "count_tokens_by": [f for f in count_by if f in spec.meta],
         "files": {},
+        "stat_cache": {},
     }
+
+
+def _raw_identity(spec: RawInputConfig) -> dict:
+    """What decides the documents a file gives: a change means preparing into a new folder."""
+    return {"text_field": spec.text_field, "meta": dict(spec.meta), "format": spec.format}
 
 
 def summarize(manifest: dict) -> dict:
     """Totals over the manifest's files: documents, tokens, shards, counts, tokens by metadata."""
     totals: Counter = Counter()
     by: dict[str, Counter] = {f: Counter() for f in manifest["count_tokens_by"]}
+    dropped_by: dict[str, Counter] = {f: Counter() for f in manifest["count_tokens_by"]}
     for entry in manifest["files"].values():
         totals.update({k: entry[k] for k in ("documents", "tokens")})
         totals["shards"] += len(entry["shards"])
         totals.update(entry["counts"])
         for f, counts in entry["tokens_by"].items():
             by[f].update(counts)
-    return {**dict(sorted(totals.items())), "files": len(manifest["files"]), "tokens_by": {f: dict(c) for f, c in by.items()}}
+        for f, counts in entry.get("dropped_short_by", {}).items():
+            dropped_by[f].update(counts)
+    totals.update(manifest.get("skipped", {}))
+    return {
+        **dict(sorted(totals.items())),
+        "files": len(manifest["files"]),
+        "tokens_by": {f: dict(c) for f, c in by.items()},
+        "dropped_short_by": {f: dict(c) for f, c in dropped_by.items()},
+    }
 
 
 @dataclass
 class _ShardWriter:
-    """Writes one input file's documents into numbered shards under temporary names."""
+    """Writes one input file's documents into numbered shards under temporary names; a
+    document is `ceil(len / CHUNK_TOKENS)` consecutive records."""
 
     directory: Path
     stem: str
     shard_tokens: int
     meta_fields: list[str]
+    chunk_tokens: int = CHUNK_TOKENS
     done: list[str] = field(default_factory=list)
     part: int = 0
     _writer: ArrayRecordWriter | None = None
     _lengths: list[int] = field(default_factory=list)
+    _records: list[int] = field(default_factory=list)
     _meta: dict[str, list[str]] = field(default_factory=dict)
     _tokens: int = 0
 
@@ -115,10 +212,13 @@ class _ShardWriter:
     def write(self, tokens: np.ndarray, meta: dict[str, str]) -> None:
         if self._writer is None:
             self._writer = ArrayRecordWriter(str(self.directory / f"{self._name()}.array_record.tmp"), "group_size:1")
-            self._lengths, self._tokens = [], 0
+            self._lengths, self._records, self._tokens = [], [], 0
             self._meta = {f: [] for f in self.meta_fields}
-        self._writer.write(tokens.tobytes())
+        starts = range(0, max(len(tokens), 1), self.chunk_tokens)
+        for start in starts:
+            self._writer.write(tokens[start : start + self.chunk_tokens].tobytes())
         self._lengths.append(len(tokens))
+        self._records.append(len(starts))
         for f in self.meta_fields:
             self._meta[f].append(meta.get(f, ""))
         self._tokens += len(tokens)
@@ -129,7 +229,7 @@ class _ShardWriter:
         if self._writer is None:
             return
         self._writer.close()
-        arrays = {"lengths": np.asarray(self._lengths, np.int64)}
+        arrays = {"lengths": np.asarray(self._lengths, np.int64), "records": np.asarray(self._records, np.int64)}
         arrays.update({f"meta_{f}": np.asarray(v, dtype=str) for f, v in self._meta.items()})
         with open(self.directory / f"{self._name()}.index.npz.tmp", "wb") as fh:
             np.savez(fh, **arrays)
@@ -188,6 +288,60 @@ def worker_pool(workers: int) -> Iterator[Any]:
         pool.join()
 
 
+def _open_manifest(
+    name: str, out_dir: Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
+) -> dict:
+    """The manifest to continue, or a new one; data prepared differently is refused."""
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.exists():
+        return new_manifest(name, tokenizer, spec, min_doc_tokens, opts.count_tokens_by)
+    manifest = json.loads(manifest_path.read_text())
+    check_tokenizer(manifest, tokenizer, out_dir)
+    if manifest["raw"] != _raw_identity(spec) or manifest["min_doc_tokens"] != min_doc_tokens:
+        raise ConfigError(
+            f"{out_dir} was prepared with raw={manifest['raw']} and min_doc_tokens={manifest['min_doc_tokens']}, "
+            f"this data_mix says raw={_raw_identity(spec)} and min_doc_tokens={min_doc_tokens}; "
+            "prepare into another directory"
+        )
+    return manifest
+
+
+def _plan_files(name: str, spec: RawInputConfig, manifest: dict) -> tuple[list[tuple[str, RawFile]], dict]:
+    """(digest, file) to prepare, and what was skipped: files whose content is already
+    prepared, copies of another input, dangling symlinks. Entries whose file now holds
+    other content are removed (their file is prepared again); entries whose file is gone
+    are kept (raw data is often deleted once prepared)."""
+    expanded = expand_paths(spec.paths)
+    for link in expanded.dangling_symlinks:
+        log.warning("prepare %s: %s is a dangling symlink: skipped", name, link)
+    if not expanded.files:
+        dangling = f" ({len(expanded.dangling_symlinks)} dangling symlinks)" if expanded.dangling_symlinks else ""
+        raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file{dangling}")
+    cache = manifest.setdefault("stat_cache", {})
+    digests = {f.path: _digest_cached(f.path, cache) for f in expanded.files}
+    for digest, entry in list(manifest["files"].items()):
+        changed = [p for p in entry["paths"] if p in digests and digests[p] != digest]
+        if changed and digest not in digests.values():
+            log.warning("prepare %s: %s changed since it was prepared: preparing it again", name, changed[0])
+            del manifest["files"][digest]
+    todo, seen = [], set(manifest["files"])
+    duplicates = len(digests) - len(set(digests.values()))  # inputs with another input's content
+    for f in expanded.files:
+        digest = digests[f.path]
+        if digest in manifest["files"]:
+            paths = manifest["files"][digest]["paths"]
+            if f.path not in paths:
+                paths.append(f.path)  # same content under another name: nothing to redo
+            continue
+        if digest in seen:
+            log.warning("prepare %s: %s has the same content as another input: read once", name, f.path)
+            continue
+        seen.add(digest)
+        todo.append((digest, f))
+    skipped = {"dangling_symlinks": len(expanded.dangling_symlinks), "duplicate_files": duplicates}
+    return todo, {k: v for k, v in skipped.items() if v}
+
+
 def prepare_source(
     name: str,
     out_dir: Path,
@@ -204,61 +358,70 @@ def prepare_source(
             return prepare_source(name, out_dir, spec, tokenizer, min_doc_tokens, opts, own)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        check_tokenizer(manifest, tokenizer, out_dir)
-    else:
-        manifest = new_manifest(name, tokenizer, spec, min_doc_tokens, opts.count_tokens_by)
+    manifest = _open_manifest(name, out_dir, spec, tokenizer, min_doc_tokens, opts)
+    todo, manifest["skipped"] = _plan_files(name, spec, manifest)
     keep = {s for entry in manifest["files"].values() for s in entry["shards"]}
     for leftover in shard_dir.iterdir():
         if leftover.name.split(".")[0] not in keep:
-            leftover.unlink()  # from an interrupted run: its file is redone below
-    files = expand_paths(spec.paths)
-    if not files:
-        raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file")
-    todo = [f for f in files if f not in manifest["files"]]
-    log.info("prepare %s: %d files, %d already done, %d to do", name, len(files), len(files) - len(todo), len(todo))
-    for path in todo:
+            leftover.unlink()  # from an interrupted run, or of a changed file: redone below
+    done = sum(len(e["paths"]) for e in manifest["files"].values())
+    log.info("prepare %s: %d files already done, %d to do, skipped %s", name, done, len(todo), manifest["skipped"] or "none")
+    for digest, raw_file in todo:
         t0 = time.perf_counter()
-        counts: Counter = Counter()
-        stem = hashlib.sha1(path.encode()).hexdigest()[:12]
-        writer = _ShardWriter(shard_dir, stem, opts.shard_tokens, list(spec.meta_fields))
-        tokens_by: dict[str, Counter] = {f: Counter() for f in manifest["count_tokens_by"]}
-        documents = tokens = 0
-        batches = _batched(read_documents(path, spec, counts), opts.batch_documents)
-        for arrays, metas in _encoded(batches, pool, max_in_flight=2 * max(opts.workers, 1)):
-            for ids, meta in zip(arrays, metas):
-                if len(ids) < min_doc_tokens:
-                    counts["dropped_short"] += 1
-                    continue
-                writer.write(ids, meta)
-                documents += 1
-                tokens += len(ids)
-                for f, by_value in tokens_by.items():
-                    by_value[meta.get(f, "")] += len(ids)
-        manifest["files"][path] = {
-            "shards": writer.commit(),
-            "documents": documents,
-            "tokens": tokens,
-            "counts": dict(counts),
-            "tokens_by": {f: dict(c) for f, c in tokens_by.items()},
-        }
+        manifest["files"][digest] = _prepare_file(raw_file, digest, shard_dir, spec, tokenizer, min_doc_tokens, opts, manifest, pool)
         manifest["totals"] = summarize(manifest)
-        _write_json_atomically(manifest_path, manifest)
+        _write_json_atomically(out_dir / MANIFEST, manifest)
+        entry = manifest["files"][digest]
         log.info(
             "prepare %s: %s: %d documents, %d tokens in %.1f s; %s",
-            name, path, documents, tokens, time.perf_counter() - t0, dict(counts),
+            name, raw_file.path, entry["documents"], entry["tokens"], time.perf_counter() - t0, entry["counts"],
         )  # fmt: skip
     manifest["totals"] = summarize(manifest)
-    _write_json_atomically(manifest_path, manifest)
+    _write_json_atomically(out_dir / MANIFEST, manifest)
     return manifest["totals"]
 
 
+def _prepare_file(
+    raw_file: RawFile, digest: str, shard_dir: Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int,
+    opts: PrepareConfig, manifest: dict, pool: Any,
+) -> dict:  # fmt: skip
+    """One input file into committed shards; its manifest entry."""
+    counts: Counter = Counter()
+    writer = _ShardWriter(shard_dir, digest[:16], opts.shard_tokens, list(spec.meta))
+    fields = manifest["count_tokens_by"]
+    tokens_by: dict[str, Counter] = {f: Counter() for f in fields}
+    dropped_by: dict[str, Counter] = {f: Counter() for f in fields}
+    documents = tokens = 0
+    batches = _batched(read_documents(raw_file.path, spec, counts, raw_file.parts), opts.batch_documents)
+    for arrays, metas in _encoded(batches, pool, max_in_flight=2 * max(opts.workers, 1)):
+        for ids, meta in zip(arrays, metas):
+            if len(ids) < min_doc_tokens:
+                counts["dropped_short"] += 1
+                for f in fields:
+                    dropped_by[f][meta.get(f, "")] += 1
+                continue
+            writer.write(ids, meta)
+            documents += 1
+            tokens += len(ids)
+            for f in fields:
+                tokens_by[f][meta.get(f, "")] += len(ids)
+    return {
+        "paths": [raw_file.path],
+        "shards": writer.commit(),
+        "documents": documents,
+        "tokens": tokens,
+        "counts": dict(counts),
+        "tokens_by": {f: dict(c) for f, c in tokens_by.items()},
+        "dropped_short_by": {f: dict(c) for f, c in dropped_by.items() if c},
+    }
+
+
 def check_tokenizer(manifest: dict, tokenizer: Tokenizer, where: Path) -> None:
-    """Refuse data tokenized with another tokenizer, in one line."""
+    """Refuse data tokenized with another tokenizer, or in another layout, in one line."""
     if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{where}/{MANIFEST}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        raise ConfigError(
+            f"{where}/{MANIFEST}: format {manifest.get('format')!r} is not {FORMAT!r}; prepare it again into another directory"
+        )
     theirs = manifest["tokenizer"]["identity"]
     if theirs != tokenizer.identity:
         raise ConfigError(
@@ -268,12 +431,19 @@ def check_tokenizer(manifest: dict, tokenizer: Tokenizer, where: Path) -> None:
 
 
 def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -> dict[str, dict]:
-    """Prepare every source of the mixture that names raw inputs."""
+    """Prepare every source of the mixture that names raw inputs. Sources that share a
+    prepared `path` (subsets of one release selected by `where`) are prepared once."""
     todo = {name: src for name, src in mix.sources.items() if src.kind == "prepared" and src.raw is not None}
     if not todo:
         raise ConfigError(f"data_mix={mix.name} has no source with kind=prepared and raw inputs to prepare")
+    by_path: dict[str, str] = {}
+    for name, src in todo.items():
+        first = by_path.setdefault(src.path, name)
+        same = (_raw_identity(todo[first].raw), list(todo[first].raw.paths)) == (_raw_identity(src.raw), list(src.raw.paths))
+        if not same:
+            raise ConfigError(f"data_mix.sources.{first} and .{name} share path {src.path} but read their raw files differently")
     with worker_pool(opts.workers) as pool:
         return {
-            name: prepare_source(name, Path(src.path), src.raw, tokenizer, mix.min_doc_tokens, opts, pool)
-            for name, src in todo.items()
+            name: prepare_source(name, Path(todo[name].path), todo[name].raw, tokenizer, mix.min_doc_tokens, opts, pool)
+            for name in by_path.values()
         }

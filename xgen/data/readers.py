@@ -1,38 +1,64 @@
-"""Streaming readers for raw corpora: JSON Lines (plain, .gz, .zst), Parquet and plain text.
+"""Streaming readers for raw corpora as released: JSON Lines, JSON arrays, Parquet, plain text.
 
-Every reader yields `(text, metadata)` one document at a time, so memory stays bounded
-however large a file is, and never raises on bad input: invalid UTF-8, empty files,
-truncated compressed files, malformed JSON lines and missing fields are counted in
-`ReadCounts` and skipped. Paths go through fsspec, so `gs://` and other URLs work where
-the matching fsspec backend is installed.
+Every reader yields `(text, metadata)` one document at a time, and never raises on bad
+input: invalid UTF-8, empty files, truncated compressed files, lines that break the JSON
+parser and missing fields are counted in a `Counter` and skipped. Compression is read from
+the name (.gz, .zst, .bz2, .xz); an archive or codec that cannot be read (.zip, .lz4, ...) is
+refused by name rather than read as text. Paths go through fsspec, so `gs://` and other URLs
+work where the matching fsspec backend is installed.
+
+Text and metadata are found by address (`xgen.data.addresses`), so nested release formats
+(RedPajama's `meta`, StarCoderData's language folders) are read as they are published.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import zlib
 from collections import Counter
-from typing import IO, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import fsspec
 
 from xgen.config import ConfigError, RawInputConfig
+from xgen.data.addresses import Address, compile_addresses, stored_value
 
-FORMATS = ("jsonl", "parquet", "text")
+FORMATS = ("jsonl", "json", "parquet", "text")
+COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+# Containers and codecs that are not one document stream: read as text they would be garbage.
+REFUSED = (".zip", ".tar", ".tgz", ".7z", ".rar", ".lz4", ".lz", ".lzo", ".br", ".snappy", ".z")
+# What a JSON parser raises on hostile input: bad syntax (JSONDecodeError is a ValueError),
+# a number past Python's digit limit (ValueError), deep nesting (RecursionError).
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _strip_compression(name: str) -> str:
+    for suffix in COMPRESSIONS:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
 
 
 def detect_format(path: str, declared: str | None) -> str:
-    """The declared format, or one inferred from the file name."""
+    """The declared format, or one inferred from the file name; unreadable kinds are refused."""
+    name = path.lower()
+    if name.endswith(REFUSED) or _strip_compression(name).endswith(REFUSED):
+        raise ConfigError(
+            f"{path}: {name.rsplit('.', 1)[-1]} files are not read (compression: gz, zst, bz2, xz); "
+            "unpack it or leave it out of raw.paths"
+        )
     if declared:
         if declared not in FORMATS:
             raise ConfigError(f"raw input format {declared!r} is not one of {FORMATS}")
         return declared
-    name = path.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
-        name = name.removesuffix(suffix)
-    if name.endswith((".jsonl", ".json", ".ndjson")):
+    name = _strip_compression(name)
+    if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
+    if name.endswith(".json"):
+        return "json"
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
@@ -64,68 +90,107 @@ def _zstd_lines(raw: IO[bytes]) -> Iterator[bytes]:
 
 
 def _open_decompressed(raw: IO[bytes], path: str) -> IO[bytes] | Iterator[bytes]:
-    """A readable stream, or for zstd an iterator of lines (which `_jsonl` also accepts)."""
+    """A readable stream, or for zstd an iterator of lines (which the line readers accept)."""
     lower = path.lower()
     if lower.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if lower.endswith((".zst", ".zstd")):
         return _zstd_lines(raw)
+    if lower.endswith(".bz2"):
+        return bz2.BZ2File(raw)
+    if lower.endswith(".xz"):
+        return lzma.LZMAFile(raw)
     return raw
 
 
-def _meta(record: dict, fields: list[str]) -> dict[str, str]:
-    return {f: str(record[f]) for f in fields if record.get(f) is not None}
+def _read_all(stream: IO[bytes] | Iterator[bytes]) -> bytes:
+    return stream.read() if hasattr(stream, "read") else b"\n".join(stream)
 
 
-def _jsonl(stream: Iterable[bytes], spec: RawInputConfig, counts: Counter) -> Iterator[tuple[str, dict]]:
-    for line in stream:
+class _Extract:
+    """Text and metadata of a record, by address; what is missing is counted."""
+
+    def __init__(self, spec: RawInputConfig, parts: tuple[str, ...], counts: Counter):
+        self.text = Address.parse(spec.text_field)
+        self.meta = compile_addresses(spec.meta)
+        self.parts, self.counts = parts, counts
+
+    def __call__(self, record: Any) -> tuple[str, dict] | None:
+        text = self.text.get(record, self.parts) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            self.counts["missing_field"] += 1
+            return None
+        meta = {}
+        for name, address in self.meta.items():
+            value = stored_value(address.get(record, self.parts))
+            if value is None:
+                self.counts[f"missing_meta:{name}"] += 1
+            else:
+                meta[name] = value
+        return text, meta
+
+
+def _records_of_lines(lines: Iterable[bytes], counts: Counter) -> Iterator[Any]:
+    for line in lines:
         if not line.strip():
             continue
         counts["records"] += 1
         try:
-            record = json.loads(line.decode("utf-8"))
+            yield json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
             counts["invalid_utf8"] += 1
-            continue
-        except json.JSONDecodeError:
+        except JSON_ERRORS:
             counts["malformed_json"] += 1
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get(spec.text_field), str):
-            counts["missing_field"] += 1
-            continue
-        yield record[spec.text_field], _meta(record, spec.meta_fields)
+
+
+def _records_of_json(stream: IO[bytes] | Iterator[bytes], counts: Counter) -> Iterator[Any]:
+    """A `.json` file: a JSON array (one record per element) or, when it does not start
+    with `[`, JSON Lines. An array that does not parse is one malformed record."""
+    data = _read_all(stream)
+    if not data.lstrip().startswith(b"["):
+        yield from _records_of_lines(data.split(b"\n"), counts)
+        return
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        counts["records"] += 1
+        counts["invalid_utf8"] += 1
+        return
+    except JSON_ERRORS:
+        counts["records"] += 1
+        counts["malformed_json"] += 1
+        return
+    for record in records:
+        counts["records"] += 1
+        yield record
+
+
+def _records_of_parquet(raw: IO[bytes], columns: set[str], counts: Counter) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(raw)
+    wanted = [c for c in parquet.schema_arrow.names if c in columns]
+    for batch in parquet.iter_batches(batch_size=1024, columns=wanted):
+        for record in batch.to_pylist():
+            counts["records"] += 1
+            yield record
 
 
 def _text(stream: IO[bytes] | Iterator[bytes], counts: Counter) -> Iterator[tuple[str, dict]]:
-    data = stream.read() if hasattr(stream, "read") else b"\n".join(stream)
+    """A text file is one document; a bad byte loses this file's document and nothing else."""
+    data = _read_all(stream)
     if not data.strip():
         return
     counts["records"] += 1
     try:
-        text = data.decode("utf-8")
+        yield data.decode("utf-8"), {}
     except UnicodeDecodeError:
         counts["invalid_utf8"] += 1
-        return
-    yield text, {}
-
-
-def _parquet(raw: IO[bytes], spec: RawInputConfig, counts: Counter) -> Iterator[tuple[str, dict]]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(raw)
-    columns = [c for c in [spec.text_field, *spec.meta_fields] if c in parquet.schema_arrow.names]
-    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
-        for record in batch.to_pylist():
-            counts["records"] += 1
-            if not isinstance(record.get(spec.text_field), str):
-                counts["missing_field"] += 1
-                continue
-            yield record[spec.text_field], _meta(record, spec.meta_fields)
 
 
 def _corrupt_file_errors(fmt: str) -> tuple[type[BaseException], ...]:
     """Exceptions that mean a file is cut short or corrupt (counted, never raised)."""
-    errors: list[type[BaseException]] = [EOFError, gzip.BadGzipFile, zlib.error]
+    errors: list[type[BaseException]] = [EOFError, OSError, zlib.error, lzma.LZMAError]  # BadGzipFile is an OSError
     try:
         import zstandard
 
@@ -139,9 +204,12 @@ def _corrupt_file_errors(fmt: str) -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def read_documents(path: str, spec: RawInputConfig, counts: Counter) -> Iterator[tuple[str, dict]]:
+def read_documents(
+    path: str, spec: RawInputConfig, counts: Counter, parts: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict]]:
     """Documents of one file; problems are added to `counts` (per kind) instead of raised.
 
+    `parts` is the file's path below its pattern's fixed prefix (for `path:N` addresses).
     A truncated or corrupt file keeps the documents read before the damage and counts
     once in `corrupt_files`; a file with no records at all counts in `empty_files`.
     """
@@ -151,17 +219,25 @@ def read_documents(path: str, spec: RawInputConfig, counts: Counter) -> Iterator
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise ConfigError(f"{path}: reading Parquet needs pyarrow: pip install 'xgen[parquet]'")
+    extract = _Extract(spec, parts, counts)
     records_before = counts["records"]
     try:
         with fsspec.open(path, "rb") as raw:
-            if fmt == "parquet":
-                docs = _parquet(raw, spec, counts)
+            if fmt == "text":
+                docs: Iterator[tuple[str, dict] | None] = _text(_open_decompressed(raw, path), counts)
             else:
-                stream = _open_decompressed(raw, path)
-                docs = _jsonl(stream, spec, counts) if fmt == "jsonl" else _text(stream, counts)
+                if fmt == "parquet":
+                    columns = {a.column for a in (extract.text, *extract.meta.values())}
+                    records = _records_of_parquet(raw, columns, counts)
+                elif fmt == "json":
+                    records = _records_of_json(_open_decompressed(raw, path), counts)
+                else:
+                    records = _records_of_lines(_open_decompressed(raw, path), counts)
+                docs = map(extract, records)
             for doc in docs:
-                counts["documents_read"] += 1
-                yield doc
+                if doc is not None:
+                    counts["documents_read"] += 1
+                    yield doc
     except _corrupt_file_errors(fmt):
         counts["corrupt_files"] += 1
         return

@@ -2,7 +2,9 @@
 
 A store knows every document's token count and metadata without reading its tokens, so
 filtering, weighting and splitting are array operations; tokens are read only for the
-documents a batch needs (ArrayRecord gives random access, one record per document).
+windows a batch needs: ArrayRecord gives random access, and a prepared document is stored
+as records of at most `chunk_tokens` tokens, so a window of a 10-million-token document
+reads one or two records, not the whole document.
 """
 
 from __future__ import annotations
@@ -27,8 +29,17 @@ class DocumentStore:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def tokens(self, doc: int) -> np.ndarray:
+    def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Tokens `start:stop` of document `doc` (all of it by default)."""
         raise NotImplementedError
+
+    def prepare_counts(self) -> dict[str, int]:
+        """What `prepare` dropped or skipped, by reason (nothing for built-in corpora)."""
+        return {}
+
+    def dropped_short_by(self, field: str) -> dict[str, int]:
+        """Documents under min_doc_tokens dropped at prepare time, per value of `field`."""
+        return {}
 
 
 class InMemoryStore(DocumentStore):
@@ -39,8 +50,8 @@ class InMemoryStore(DocumentStore):
         self.lengths = np.asarray([len(d) for d in self._docs], np.int64)
         self.meta = {}
 
-    def tokens(self, doc: int) -> np.ndarray:
-        return self._docs[doc]
+    def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._docs[doc][start:stop]
 
 
 class ShardStore(DocumentStore):
@@ -61,14 +72,36 @@ class ShardStore(DocumentStore):
         self.meta = {
             f: np.concatenate([ix[f"meta_{f}"] for ix in indexes]) for f in self.manifest["meta_fields"]
         }
+        records = np.concatenate([ix["records"] for ix in indexes])
+        self._first_record = np.concatenate([[0], np.cumsum(records)])
+        self._chunk = int(self.manifest["chunk_tokens"])
         self._dtype = np.dtype(self.manifest["token_dtype"])
         self._source = ArrayRecordDataSource([str(root / "shards" / f"{n}.array_record") for n in names])
-        if len(self._source) != len(self.lengths):
-            raise ConfigError(f"{root}: shards hold {len(self._source)} documents, indexes {len(self.lengths)}")
+        if len(self._source) != self._first_record[-1]:
+            raise ConfigError(f"{root}: shards hold {len(self._source)} records, indexes {self._first_record[-1]}")
 
-    def tokens(self, doc: int) -> np.ndarray:
-        return np.frombuffer(self._source[int(doc)], self._dtype).astype(np.int32)
+    def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        length = int(self.lengths[doc])
+        stop = length if stop is None else min(stop, length)
+        if start >= stop:
+            return np.zeros(0, np.int32)
+        first, last = start // self._chunk, (stop - 1) // self._chunk
+        base = int(self._first_record[doc])
+        chunks = [np.frombuffer(self._source[base + k], self._dtype) for k in range(first, last + 1)]
+        offset = first * self._chunk
+        return np.concatenate(chunks)[start - offset : stop - offset].astype(np.int32)
 
     def tokens_by(self, field: str) -> dict[str, int] | None:
         """Tokens per value of a metadata field, as counted by `prepare` (before any filter)."""
         return self.manifest["totals"]["tokens_by"].get(field)
+
+    def prepare_counts(self) -> dict[str, int]:
+        totals = self.manifest["totals"]
+        return {k: v for k, v in totals.items() if isinstance(v, int) and k not in _NOT_DROPS}
+
+    def dropped_short_by(self, field: str) -> dict[str, int]:
+        return self.manifest["totals"].get("dropped_short_by", {}).get(field, {})
+
+
+# Totals that are not losses.
+_NOT_DROPS = {"documents", "tokens", "shards", "files", "records", "documents_read"}

@@ -22,4 +22,6 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if jax.process_index() == 0:
+        pipeline.write_report(run_dir)  # what each part holds, weighs and lost: data_mix.json
     return Trainer(cfg, run_dir).fit(pipeline)
