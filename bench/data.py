@@ -1,7 +1,7 @@
 """Data pipeline benchmarks, side by side in one run; figures go into docs/performance.md.
 
     python bench/data.py                 # all three, ~10 minutes on 2 cores
-    python bench/data.py --only tokenize  # or loader, memory
+    python bench/data.py --only tokenize  # or loader, memory, long
 
 1. tokenize: `task=prepare`'s throughput (read JSON Lines, tokenize in worker processes,
    write shards) against tiktoken's `encode_ordinary_batch` on the same texts, already in
@@ -10,6 +10,9 @@
    step of the `small` model on that batch, on this CPU.
 3. memory: peak resident memory of `prepare` (main process plus workers, sampled) on a
    corpus of about 1 GB.
+4. long: time to read one packed 8,192-token window from a prepared 10M-token document
+   against a 10K-token one (windows read only the records they cover), and what reading
+   the whole document per window, as the loader did before, costs.
 """
 
 from __future__ import annotations
@@ -169,6 +172,48 @@ def bench_memory(workdir: Path, mb: int, workers: int) -> dict:
     }
 
 
+def bench_long_document(workdir: Path, repeats: int) -> dict:
+    from xgen.data.packing import PackedWindows
+    from xgen.data.prepare import CHUNK_TOKENS, write_token_documents
+    from xgen.data.store import ShardStore
+
+    tok = Tokenizer.xgen()
+    seq_len, sizes = 8192, {"10M": 10_000_000, "10K": 10_000}
+    stores = {}
+    for label, n in sizes.items():
+        out = workdir / f"long{label}"
+        # Documents of this size back to back, about 10M tokens in all, so both read from
+        # files of the same size and only the document length differs.
+        count = max(10_000_000 // n, 1)
+        write_token_documents(out, label, ((np.arange(n) + k) % 50_000 for k in range(count)), tok)
+        store = ShardStore(out, tok)
+        stores[label] = (store, PackedWindows(store, np.arange(len(store)), seq_len=seq_len, eot_id=tok.eos_id))
+    rng = np.random.default_rng(0)
+    picks = {label: rng.integers(0, len(w), 200) for label, (_, w) in stores.items()}
+    times: dict[str, list[float]] = {"10M": [], "10K": [], "whole": []}
+    for _ in range(repeats):  # interleaved
+        for label, (_, windows) in stores.items():
+            t0 = time.perf_counter()
+            for i in picks[label]:
+                windows[int(i)]
+            times[label].append((time.perf_counter() - t0) / len(picks[label]))
+        store = stores["10M"][0]
+        t0 = time.perf_counter()
+        for _ in range(5):
+            store.tokens(0)  # the whole 10M-token document, as each window read it before
+        times["whole"].append((time.perf_counter() - t0) / 5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "seq_len": seq_len,
+        "chunk_tokens": CHUNK_TOKENS,
+        "window_10M_us": round(med["10M"] * 1e6, 1),
+        "window_10K_us": round(med["10K"] * 1e6, 1),
+        "ratio_10M_over_10K": round(med["10M"] / med["10K"], 2),
+        "whole_10M_doc_ms": round(med["whole"] * 1e3, 2),
+        "repeats": repeats,
+    }
+
+
 def write_section(name: str, body: str) -> None:
     """Replace the section between `<!-- bench:NAME -->` markers in docs/performance.md."""
     text = PERF.read_text() if PERF.exists() else "# Performance\n\nFigures measured on this project's own machines.\n"
@@ -183,7 +228,7 @@ def write_section(name: str, body: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["tokenize", "loader", "memory"])
+    ap.add_argument("--only", choices=["tokenize", "loader", "memory", "long"])
     ap.add_argument("--tokenize-mb", type=int, default=64)
     ap.add_argument("--memory-mb", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2)
@@ -192,6 +237,7 @@ def main() -> None:
     args = ap.parse_args()
     command = "python bench/data.py " + " ".join(sys.argv[1:])
     machine = f"{os.cpu_count()} CPUs"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown CPU")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -201,6 +247,8 @@ def main() -> None:
             results["loader"] = bench_loader(work / "loader", args.train_steps)
         if args.only in (None, "memory"):
             results["memory"] = bench_memory(work, args.memory_mb, args.workers)
+        if args.only in (None, "long"):
+            results["long"] = bench_long_document(work, max(args.repeats, 5))
     print(json.dumps(results, indent=1))
     date = time.strftime("%Y-%m-%d")
     if "tokenize" in results:
@@ -235,6 +283,25 @@ def main() -> None:
 ### Data: `prepare`'s peak memory on a {r['corpus_mb']} MB corpus ({date}, {machine})
 
 `{command}` — {r['tokens']:,} tokens in {r['seconds']} s with {r['workers']} workers. Resident memory of the main process and its workers, summed, sampled every 0.1 s: peak **{r['peak_rss_mb_all_processes']} MB** (goal < 2,048 MB; {r['rss_before_mb']} MB before prepare started).
+""")
+
+    if "long" in results:
+        r = results["long"]
+        write_section("data-long-document", f"""
+### Data: a window of a 10M-token document against a 10K-token one ({date}, {machine}, {cpu})
+
+`{command}` — one packed window of {r['seq_len']:,} tokens from a prepared source (records of {r['chunk_tokens']:,} tokens), median over {r['repeats']} interleaved repeats of 200 random windows each; both sources hold about 10M tokens.
+
+| | time per window |
+|---|---|
+| documents of 10K tokens | {r['window_10K_us']} µs |
+| one document of 10M tokens | {r['window_10M_us']} µs |
+| **ratio** 10M / 10K | **{r['ratio_10M_over_10K']}** |
+| reading the whole 10M-token document (what each window cost before records were chunked) | {r['whole_10M_doc_ms']} ms |
+
+The window's cost no longer grows with its document: a window over 10K-token documents
+usually covers two of them (two reads and a join), one inside a 10M-token document one or
+two 32K-token records.
 """)
 
 

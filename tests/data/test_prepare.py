@@ -202,20 +202,11 @@ def test_data_prepared_in_the_old_layout_or_with_other_raw_settings_is_refused_i
 
 def long_document_store(tmp_path, n_tokens: int):
     """A prepared source holding one document of `n_tokens` (written without tokenizing)."""
-    from xgen.config import RawInputConfig
-    from xgen.data.prepare import MANIFEST, _ShardWriter, new_manifest, summarize
+    from xgen.data.prepare import write_token_documents
 
-    out = tmp_path / f"long{n_tokens}"
-    (out / "shards").mkdir(parents=True)
     tokens = (np.arange(n_tokens) % 50_000).astype(np.uint16)
-    writer = _ShardWriter(out / "shards", "long", 10**12, [])
-    writer.write(tokens, {})
-    tok = Tokenizer.xgen()
-    manifest = new_manifest("long", tok, RawInputConfig(), 0, [])
-    manifest["files"]["long"] = {"paths": ["long"], "shards": writer.commit(), "documents": 1, "tokens": n_tokens, "counts": {}, "tokens_by": {}}
-    manifest["totals"] = summarize(manifest)
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    return ShardStore(out, tok), tokens
+    write_token_documents(tmp_path / "long", "long", [tokens], Tokenizer.xgen())
+    return ShardStore(tmp_path / "long", Tokenizer.xgen()), tokens
 
 
 def test_a_window_of_a_ten_million_token_document_reads_only_the_records_it_covers(tmp_path):

@@ -416,6 +416,27 @@ def _prepare_file(
     }
 
 
+def write_token_documents(out_dir: Path, name: str, documents: Iterable[np.ndarray], tokenizer: Tokenizer) -> dict:
+    """A prepared source from documents that are token ids already (no raw file, no
+    tokenizing): pre-tokenized corpora, and benchmarks that need a document of a given size."""
+    shard_dir = Path(out_dir) / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(name, tokenizer, RawInputConfig(), 0, [])
+    dtype = np.dtype(manifest["token_dtype"])
+    writer = _ShardWriter(shard_dir, "tokens", 50_000_000, [])
+    lengths = []
+    for doc in documents:
+        writer.write(np.asarray(doc, dtype), {})
+        lengths.append(len(doc))
+    manifest["files"]["tokens"] = {
+        "paths": [], "shards": writer.commit(), "documents": len(lengths), "tokens": int(sum(lengths)),
+        "counts": {}, "tokens_by": {},
+    }  # fmt: skip
+    manifest["totals"] = summarize(manifest)
+    _write_json_atomically(Path(out_dir) / MANIFEST, manifest)
+    return manifest["totals"]
+
+
 def check_tokenizer(manifest: dict, tokenizer: Tokenizer, where: Path) -> None:
     """Refuse data tokenized with another tokenizer, or in another layout, in one line."""
     if manifest.get("format") != FORMAT:
