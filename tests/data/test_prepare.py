@@ -238,3 +238,19 @@ def test_a_window_of_a_ten_million_token_document_reads_only_the_records_it_cove
     assert n // CHUNK_TOKENS > 300
     tail = store.tokens(0, n - 5, n + 100)  # a slice past the end stops at the end
     np.testing.assert_array_equal(tail, tokens[-5:])
+
+
+def test_files_no_longer_matched_by_raw_paths_leave_the_prepared_data(tmp_path):
+    raw = small_source(tmp_path)
+    out = tmp_path / "prepared"
+    assert prep(tmp_path, out, str(raw / "*.jsonl"))["documents"] == 6
+    assert prep(tmp_path, out, str(raw / "part-0.jsonl"))["documents"] == 3  # narrowed: part-1 goes
+
+
+def test_a_source_that_gives_no_document_is_a_one_line_error_naming_the_counts(tmp_path):
+    from xgen.config import PrepareConfig, RawInputConfig
+
+    raw = small_source(tmp_path)
+    spec = RawInputConfig(paths=[str(raw / "*.jsonl")], text_field="content")  # StarCoder's name, not this file's
+    with pytest.raises(ConfigError, match=r"2 files under .* gave no document \(\{'missing_field': 6, 'records': 6\}\); check raw.text_field='content'"):
+        prepare_source("s", tmp_path / "out", spec, Tokenizer.xgen(), 10, PrepareConfig(workers=0))

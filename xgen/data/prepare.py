@@ -137,6 +137,13 @@ def _digest_cached(path: str, cache: dict[str, list]) -> str:
     return digest
 
 
+def _exists(path: str) -> bool:
+    if "://" in path:
+        fs, _, (p,) = fsspec.get_fs_token_paths(path)
+        return fs.exists(p)
+    return os.path.exists(path)
+
+
 def _write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -319,11 +326,22 @@ def _plan_files(name: str, spec: RawInputConfig, manifest: dict) -> tuple[list[t
         raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file{dangling}")
     cache = manifest.setdefault("stat_cache", {})
     digests = {f.path: _digest_cached(f.path, cache) for f in expanded.files}
+    gone = 0
     for digest, entry in list(manifest["files"].items()):
-        changed = [p for p in entry["paths"] if p in digests and digests[p] != digest]
-        if changed and digest not in digests.values():
+        if digest in digests.values():
+            continue
+        changed = [p for p in entry["paths"] if p in digests]
+        unmatched = [p for p in entry["paths"] if p not in digests and _exists(p)]
+        if changed:
             log.warning("prepare %s: %s changed since it was prepared: preparing it again", name, changed[0])
-            del manifest["files"][digest]
+        elif unmatched:
+            log.warning("prepare %s: %s is no longer in raw.paths: its documents are removed", name, unmatched[0])
+        else:
+            gone += 1
+            continue
+        del manifest["files"][digest]
+    if gone:
+        log.info("prepare %s: kept %d prepared files whose raw files are gone", name, gone)
     todo, seen = [], set(manifest["files"])
     duplicates = len(digests) - len(set(digests.values()))  # inputs with another input's content
     for f in expanded.files:
@@ -378,7 +396,14 @@ def prepare_source(
         )  # fmt: skip
     manifest["totals"] = summarize(manifest)
     _write_json_atomically(out_dir / MANIFEST, manifest)
-    return manifest["totals"]
+    totals = manifest["totals"]
+    if not totals.get("documents"):
+        problems = {k: v for k, v in totals.items() if isinstance(v, int) and v and k not in ("files", "shards")}
+        raise ConfigError(
+            f"data_mix.sources.{name}: {totals['files']} files under {spec.paths} gave no document ({problems}); "
+            f"check raw.text_field={spec.text_field!r} and raw.format"
+        )
+    return totals
 
 
 def _prepare_file(
