@@ -1,10 +1,13 @@
 """Instruction datasets → conversations: each format's parser, the planted fixtures, the
-min_tokens filter and max_examples sampling, and config mistakes as one-line errors."""
+min_tokens filter and max_examples sampling, and config mistakes as one-line errors.
+(The released file layouts themselves: test_released_layouts.py.)"""
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,8 +90,9 @@ def test_sharegpt_system_leading_gpt_and_trailing_human(tmp_path, tok):
 )
 def test_sharegpt_malformed_records_are_counted_by_reason(tmp_path, tok, turns, reason):
     record = {"conversations": [{"from": f, "value": v} for f, v in turns]}
-    convs, counts = load_records(tmp_path, tok, "sharegpt", [record, {"conversations": "nope"}])
-    assert convs == []
+    good = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    convs, counts = load_records(tmp_path, tok, "sharegpt", [record, {"conversations": "nope"}, good])
+    assert convs == [conv("Q", "A")]
     assert counts[f"malformed:{reason}"] == 1 and counts["malformed:conversations"] == 1 and counts["malformed"] == 2
 
 
@@ -136,6 +140,13 @@ def test_oasst_null_ranks_ties_and_trimming_to_an_assistant_turn(tmp_path, tok):
     assert counts["malformed:empty"] == 1 and counts["malformed:prompt"] == 1
 
 
+def test_oasst_nan_rank_is_a_null_rank(tmp_path, tok):
+    """A null rank read through pandas is NaN; as a number it would make min() order-dependent."""
+    tree = {"prompt": {"text": "Q", "role": "prompter", "replies": [reply("nan", float("nan")), reply("ranked", 1)]}}
+    convs, _ = load_records(tmp_path, tok, "oasst", [tree])
+    assert convs == [conv("Q", "ranked")]
+
+
 @pytest.mark.parametrize(
     "fmt, record, reason",
     [
@@ -149,8 +160,10 @@ def test_oasst_null_ranks_ties_and_trimming_to_an_assistant_turn(tmp_path, tok):
     ],
 )
 def test_missing_empty_or_mistyped_fields_are_counted(tmp_path, tok, fmt, record, reason):
-    convs, counts = load_records(tmp_path, tok, fmt, [record])
-    assert convs == [] and counts["malformed"] == 1 and counts[f"malformed:{reason}"] == 1
+    # The only record is bad, so the source keeps nothing: the error carries the counts.
+    counts = rf"records 1, malformed 1, malformed:{reason} 1, too_short 0, kept 0"
+    with pytest.raises(ConfigError, match=rf"^sft\.sources\.s \({fmt}\): no conversation kept \({counts}\)$"):
+        load_records(tmp_path, tok, fmt, [record])
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -235,7 +248,57 @@ def test_max_examples_samples_in_order_deterministically_per_seed(tmp_path, tok)
     assert len(load_source("s", cfg, tok, 0)[0]) == 50
 
 
+def test_json_lines_that_break_the_parser_are_counted_not_raised(tmp_path, tok):
+    """Deep nesting raises RecursionError and a 5,000-digit number ValueError (Python's int
+    digit limit), neither a JSONDecodeError: both are one bad line among good ones."""
+    path = tmp_path / "a.jsonl"
+    good = json.dumps({"instruction": "I", "output": "O"})
+    path.write_text("\n".join([good, "[" * 200_000, '{"instruction": "I", "output": ' + "7" * 5000 + "}", good]) + "\n")
+    convs, counts = load_source("s", SFTSourceConfig(format="alpaca", paths=[str(path)]), tok, 0)
+    assert len(convs) == 2 and counts["records"] == 4 and counts["malformed:json"] == 2
+
+
+@pytest.mark.parametrize("bad", ["[" * 200_000, "7" * 5000], ids=["deep", "long_int"])
+def test_json_array_that_breaks_the_parser_is_one_line_naming_the_file(tmp_path, tok, bad):
+    path = tmp_path / "a.json"
+    path.write_text('[{"instruction": "I", "output": "O"},\n {"instruction": "I", "output": ' + bad + "}]")
+    with pytest.raises(ConfigError, match=r"^sft\.sources\.s: .*a\.json: not valid JSON \([^\n]+\)$"):
+        load_source("s", SFTSourceConfig(format="alpaca", paths=[str(path)]), tok, 0)
+
+
+def test_dangling_symlinks_are_skipped_with_one_warning_that_counts_them(tmp_path, tok, caplog):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "I", "output": "O"}) + "\n")
+    for name in ("b.jsonl", "c.jsonl"):  # a download cache whose blobs are gone
+        os.symlink(tmp_path / "blobs" / name, tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="xgen.sft.formats"):
+        convs, _ = load_source("s", SFTSourceConfig(format="alpaca", paths=[str(tmp_path / "*.jsonl")]), tok, 0)
+    assert len(convs) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "sft.sources.s.paths: skipped 2 dangling symlinks" in warnings[0]
+
+
+@pytest.mark.parametrize("pattern", ["b.jsonl", "*.jsonl"])
+def test_a_pattern_of_only_dangling_symlinks_matches_no_file(tmp_path, tok, pattern):
+    os.symlink(tmp_path / "blobs" / "b.jsonl", tmp_path / "b.jsonl")
+    with pytest.raises(ConfigError, match=r"paths: .* matches no file \(only 1 dangling symlinks, e\.g\. .*b\.jsonl\)"):
+        load_source("s", SFTSourceConfig(format="alpaca", paths=[str(tmp_path / pattern)]), tok, 0)
+
+
 # --- config mistakes -------------------------------------------------------------------------
+
+
+def test_a_source_that_keeps_nothing_is_one_line_with_its_counts(tmp_path, tok):
+    """Other sources would otherwise hide it: a wrong format reads every record as malformed."""
+    records = [{"instruction": "I", "output": "O"}] * 3
+    counts = r"records 3, malformed 3, malformed:response 3, too_short 0, kept 0"
+    with pytest.raises(ConfigError, match=rf"^sft\.sources\.s \(dolly\): no conversation kept \({counts}\)$"):
+        load_records(tmp_path, tok, "dolly", records)
+    with pytest.raises(ConfigError, match=r"^sft\.sources\.s \(alpaca\): .*too_short 3, kept 0\)$"):
+        load_records(tmp_path, tok, "alpaca", records, min_tokens=100)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match=r"records 0, malformed 0, too_short 0, kept 0"):
+        load_source("s", SFTSourceConfig(format="alpaca", paths=[str(tmp_path / "empty.jsonl")]), tok, 0)
+
 
 
 def test_unknown_format_names_the_source(fixtures, tok):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -9,12 +11,13 @@ import pytest
 from flax import nnx
 
 from xgen.config import ChatTemplateConfig, ModelConfig
-from xgen.generate.chat import render_prompt
+from xgen.generate.chat import render_prompt, turn_text
 from xgen.model.transformer import XGenModel
 from xgen.sft.formats import Conversation, Turn
 from xgen.sft.packing import pack, to_model_batch
 from xgen.sft.render import render
 from xgen.tokenizer import Tokenizer
+from xgen.tokenizer.xgen import STARCODER_SPECIALS
 from xgen.train.step import loss_fn
 
 TOK = Tokenizer.xgen()
@@ -64,6 +67,58 @@ def test_a_conversations_own_system_message_replaces_the_header_and_the_header_c
     assert TOK.decode(ids).startswith("Be terse.\n\n### Human:")
     ids, _ = render(Conversation(CONV.turns[:2]), TEMPLATE, TOK, system_header=False)
     assert TOK.decode(ids).startswith("### Human:")
+
+
+def whole_text(conv: Conversation, template: ChatTemplateConfig = TEMPLATE) -> str:
+    """The conversation as one text, built from the template's strings independently of render."""
+    head = conv.system + "\n\n" if conv.system is not None else template.system
+    return head + "".join(turn_text(template, t.role, t.content) for t in conv.turns)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [CONV, Conversation(CONV.turns[:2], system="Be terse."), Conversation(CONV.turns[2:] * 3)],
+    ids=["two_turns", "own_system", "six_turns"],
+)
+def test_without_special_strings_the_ids_are_the_whole_text_encoded_at_once(conv):
+    ids, _ = render(conv, TEMPLATE, TOK)
+    assert ids.tolist() == TOK.encode(whole_text(conv))
+
+
+SPECIAL_CONV = Conversation(
+    turns=(
+        Turn("user", "What do <|endoftext|> and <fim_prefix> mean in <filename>a.py?"),
+        Turn("assistant", "<fim_prefix> starts a prefix; <|endoftext|> ends a document."),
+        Turn("user", "Show <fim_middle><|endoftext|>"),
+        Turn("assistant", "<fim_middle><|endoftext|><reponame>"),
+    )
+)
+
+
+def test_special_token_strings_in_the_data_are_plain_text_and_only_the_template_end_is_a_control_token():
+    ids, mask = render(SPECIAL_CONV, TEMPLATE, TOK)
+    text = whole_text(SPECIAL_CONV)
+    assert TOK.decode(ids) == text  # every character comes back
+    specials = {TOK.encoding.encode_single_token(s) for s in STARCODER_SPECIALS}
+    assert not specials & set(ids.tolist())
+    eot = np.flatnonzero(ids == TOK.eos_id)
+    last_trained = np.flatnonzero(np.diff(np.r_[mask, 0]) == -1)  # where each answer's run ends
+    assert eot.tolist() == last_trained.tolist() and len(eot) == 2  # exactly one per assistant turn
+    assert TOK.decode(ids[mask == 1]) == (
+        " <fim_prefix> starts a prefix; <|endoftext|> ends a document.<|endoftext|>"
+        " <fim_middle><|endoftext|><reponame><|endoftext|>"
+    )
+    # Between the template's ends, the ids are the pre-training (ordinary) encoding.
+    first = int(eot[0])
+    first_answer_end = text.index(" ends a document.") + len(" ends a document.")
+    assert ids[:first].tolist() == TOK.encode_ordinary(text[:first_answer_end])
+
+
+def test_a_template_end_that_is_not_a_special_token_is_plain_text_too():
+    template = dataclasses.replace(TEMPLATE, end="</s>")
+    ids, mask = render(SPECIAL_CONV, template, TOK)
+    assert ids.tolist() == TOK.encode_ordinary(whole_text(SPECIAL_CONV, template))
+    assert TOK.decode(ids[mask == 1]).endswith("<reponame></s>")
 
 
 CFG = ModelConfig(name="t", d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.2)

@@ -5,8 +5,9 @@ a `Conversation` (alternating user/assistant turns, ending on the assistant) or 
 `Malformed(reason)`. Bad records are skipped and counted per reason, never raised: released
 instruction sets all carry some (empty responses, broken role orders), and one of them must
 not stop a run. What is raised is a config mistake: an unknown format, a path that matches no
-file, a file that is not JSON at all. Turn contents are stripped: the chat template supplies
-its own separators, so edge whitespace would only add untrained or mistrained tokens.
+file, a file that is not JSON at all, a source left with no conversation. Turn contents are
+stripped: the chat template supplies its own separators, so edge whitespace would only add
+untrained or mistrained tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import glob
 import gzip
 import itertools
 import json
+import logging
 import os
 import re
 import zlib
@@ -26,6 +28,8 @@ import numpy as np
 
 from xgen.config import ConfigError, SFTSourceConfig
 from xgen.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +148,8 @@ def _oasst_best_reply(node: dict, role: str) -> dict | None:
     ]  # fmt: skip
 
     def key(reply: dict) -> tuple[bool, float]:
-        rank = reply.get("rank")
-        numeric = isinstance(rank, (int, float)) and not isinstance(rank, bool)
+        rank = reply.get("rank")  # NaN (a null rank read through pandas) is null too
+        numeric = isinstance(rank, (int, float)) and not isinstance(rank, bool) and rank == rank
         return (not numeric, rank if numeric else 0.0)
 
     return min(usable, key=key, default=None)  # min is stable: ties keep the first
@@ -153,7 +157,8 @@ def _oasst_best_reply(node: dict, role: str) -> dict | None:
 
 def parse_oasst(record: dict) -> Conversation:
     """OpenAssistant trees export: the prompt, then the highest-ranked reply at each level
-    down to a leaf (the conversation the rankers preferred), ending on an assistant turn."""
+    down to a leaf (the conversation the rankers preferred), ending on an assistant turn.
+    Message rows (the Hugging Face layout) reach it as trees rebuilt by `oasst_trees`."""
     prompt = record.get("prompt")
     if (
         not isinstance(prompt, dict) or prompt.get("deleted") or prompt.get("review_result") is False
@@ -166,6 +171,46 @@ def parse_oasst(record: dict) -> Conversation:
         turns.append(("user" if role == "prompter" else "assistant", node["text"].strip()))
         role = "prompter" if role == "assistant" else "assistant"
     return _dialogue(turns)
+
+
+def is_oasst_message(record: Any) -> bool:
+    """One message of OpenAssistant's flat layout (Hugging Face `OpenAssistant/oasst1`
+    parquet, `*.messages.jsonl.gz`), rather than a whole tree of the trees export."""
+    return isinstance(record, dict) and "message_id" in record and "prompt" not in record
+
+
+def oasst_trees(rows: list[dict]) -> Iterator[dict | Malformed]:
+    """Trees-export records rebuilt from message rows by `parent_id`: one per prompt (a row
+    without a parent), in the order the prompts come, each message's replies in row order so
+    that rank ties keep the first, as in the trees file. The rows of all of a source's files
+    are linked together. What cannot join a prompt's tree comes out as `Malformed`: a
+    missing or repeated id, and a message whose parent is not there (its replies go with it)
+    or that descends from itself."""
+    nodes: dict[str, dict] = {}
+    for row in rows:
+        message_id = row["message_id"]
+        if not isinstance(message_id, str) or message_id in nodes:
+            yield Malformed("message_id")
+            continue
+        nodes[message_id] = {**row, "replies": []}
+    roots, detached = [], []
+    for node in nodes.values():
+        parent = node.get("parent_id")
+        if parent is None:
+            roots.append(node)
+        elif isinstance(parent, str) and parent in nodes:
+            nodes[parent]["replies"].append(node)
+        else:
+            detached.append(node)
+            yield Malformed("parent")
+    reached, stack = 0, roots + detached
+    while stack:  # what no prompt or orphan reaches is a cycle of parent links
+        reached += 1
+        stack.extend(stack.pop()["replies"])
+    for _ in range(len(nodes) - reached):
+        yield Malformed("parent")
+    for root in roots:
+        yield {"message_tree_id": root.get("message_tree_id"), "tree_state": root.get("tree_state"), "prompt": root}
 
 
 BAIZE_MARKER = re.compile(r"\[\|(Human|AI)\|\]")
@@ -200,7 +245,9 @@ FORMATS = tuple(PARSERS)
 
 # --- files -------------------------------------------------------------------------------
 
-_BAD_JSON = object()  # a JSON Lines line that does not parse: counted as malformed:json
+# What a parser failure can be besides JSONDecodeError: RecursionError for deep nesting,
+# ValueError for an integer over Python's digit limit (and UnicodeDecodeError, a ValueError).
+JSON_ERRORS = (ValueError, RecursionError)
 
 
 def _first_line(error: BaseException) -> str:
@@ -209,7 +256,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _json_records(where: str, stream: IO[bytes], array_ok: bool) -> Iterator[Any]:
-    """A JSON array's elements, or else JSON Lines, streamed (a bad line yields `_BAD_JSON`).
+    """A JSON array's elements, or else JSON Lines, streamed (a bad line yields Malformed).
 
     Real releases use both under `.json` (ShareGPT, Baize: an array; others: lines), so there
     the first non-blank line decides; `.jsonl` is always lines. A file with no parseable line
@@ -221,7 +268,7 @@ def _json_records(where: str, stream: IO[bytes], array_ok: bool) -> Iterator[Any
     if array_ok and first.lstrip().startswith(b"["):
         try:
             records = json.loads(first + stream.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except JSON_ERRORS as e:
             raise ConfigError(f"{where}: not valid JSON ({_first_line(e)})") from None
         yield from records
         return
@@ -231,9 +278,9 @@ def _json_records(where: str, stream: IO[bytes], array_ok: bool) -> Iterator[Any
             continue
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except JSON_ERRORS:
             bad += 1
-            yield _BAD_JSON
+            yield Malformed("json")
             continue
         good += 1
         yield record
@@ -273,15 +320,24 @@ def read_records(where: str, path: str) -> Iterator[Any]:
 
 def resolve_paths(name: str, patterns: list[str]) -> list[str]:
     """Files of the configured paths (globs, relative to the current directory), in order;
-    a pattern that matches nothing is a config mistake, not an empty source."""
+    a pattern that matches nothing is a config mistake, not an empty source. Dangling
+    symlinks (a download cache whose blobs are gone) are skipped with a warning that counts
+    them, since the source is then smaller than its files suggest."""
     if not patterns:
         raise ConfigError(f"sft.sources.{name}.paths is empty")
     files: list[str] = []
+    dangling: list[str] = []
     for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        found = sorted(glob.glob(os.path.expanduser(pattern)))
+        matches = [p for p in found if os.path.isfile(p)]
+        broken = [p for p in found if os.path.islink(p) and not os.path.exists(p)]
         if not matches:
-            raise ConfigError(f"sft.sources.{name}.paths: {pattern!r} matches no file")
+            links = f" (only {len(broken)} dangling symlinks, e.g. {broken[0]})" if broken else ""
+            raise ConfigError(f"sft.sources.{name}.paths: {pattern!r} matches no file{links}")
         files += [m for m in matches if m not in files]
+        dangling += [b for b in broken if b not in dangling]
+    if dangling:
+        log.warning("sft.sources.%s.paths: skipped %d dangling symlinks, e.g. %s", name, len(dangling), dangling[0])
     return files
 
 
@@ -300,13 +356,31 @@ def token_counts(convs: list[Conversation], tokenizer: Tokenizer, batch: int = 4
     return totals
 
 
+def source_records(name: str, cfg: SFTSourceConfig, tally: Counter[str]) -> Iterator[Any]:
+    """The records of all of a source's files, in order. OpenAssistant message rows are held
+    back (counted in `tally["messages"]`) and follow the last file as rebuilt trees."""
+    messages: list[dict] = []
+    for path in resolve_paths(name, list(cfg.paths)):
+        for record in read_records(f"sft.sources.{name}: {path}", path):
+            if cfg.format == "oasst" and is_oasst_message(record):
+                messages.append(record)
+            else:
+                yield record
+    if messages:
+        tally["messages"] = len(messages)
+        yield from oasst_trees(messages)
+
+
 def load_source(
     name: str, cfg: SFTSourceConfig, tokenizer: Tokenizer, seed: int
 ) -> tuple[list[Conversation], dict[str, int]]:
     """All conversations of one configured source, and counts for the log:
-    {"records": read, "malformed": skipped (with reasons counted separately as "malformed:<reason>"),
+    {"records": read (for OASST message rows: rebuilt trees, with "messages": rows read),
+    "malformed": skipped (with reasons counted separately as "malformed:<reason>"),
     "too_short": dropped by min_tokens, "kept": n, "sampled": after max_examples}.
 
+    A source that keeps no conversation is a ConfigError with these counts: a wrong format
+    or a filter that drops everything would otherwise train on the other sources unnoticed.
     `max_examples` samples without replacement and keeps the file order, so a source's
     conversations stay in a reproducible order for a seed whatever later stages shuffle."""
     parse = PARSERS.get(cfg.format)
@@ -315,24 +389,27 @@ def load_source(
     if cfg.min_tokens < 0 or (cfg.max_examples is not None and cfg.max_examples < 0):
         raise ConfigError(f"sft.sources.{name}: min_tokens and max_examples must not be negative")
     records = 0
+    tally: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     parsed: list[Conversation] = []
-    for path in resolve_paths(name, list(cfg.paths)):
-        for record in read_records(f"sft.sources.{name}: {path}", path):
-            records += 1
-            try:
-                if record is _BAD_JSON:
-                    raise Malformed("json")
-                if not isinstance(record, dict):
-                    raise Malformed("record")
-                parsed.append(dataclasses.replace(parse(record), source=name))
-            except Malformed as e:
-                reasons[f"malformed:{e.reason}"] += 1
+    for record in source_records(name, cfg, tally):
+        records += 1
+        try:
+            if isinstance(record, Malformed):
+                raise record
+            if not isinstance(record, dict):
+                raise Malformed("record")
+            parsed.append(dataclasses.replace(parse(record), source=name))
+        except Malformed as e:
+            reasons[f"malformed:{e.reason}"] += 1
     kept = parsed
     if cfg.min_tokens:
         kept = [c for c, n in zip(parsed, token_counts(parsed, tokenizer)) if n >= cfg.min_tokens]
-    counts = {"records": records, "malformed": reasons.total(), **dict(sorted(reasons.items()))}
+    counts = {"records": records, **tally, "malformed": reasons.total(), **dict(sorted(reasons.items()))}
     counts.update(too_short=len(parsed) - len(kept), kept=len(kept))
+    if not kept:
+        listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise ConfigError(f"sft.sources.{name} ({cfg.format}): no conversation kept ({listed})")
     if cfg.max_examples is not None and cfg.max_examples < len(kept):
         chosen = np.sort(np.random.default_rng(seed).choice(len(kept), size=cfg.max_examples, replace=False))
         kept = [kept[i] for i in chosen]

@@ -6,6 +6,13 @@ conversation is tokenized as one text, as `task=chat` and the server tokenize a 
 each token is masked by where its first character lies: BPE merges across the template's
 pieces (its "\n\n" before "### Human:" is one token in a whole text, two apart), so
 tokenizing piece by piece would train on ids that inference never produces.
+
+Only the template's own `end` after each assistant turn is a control token. Special-token
+strings inside the data (`<|endoftext|>`, `<fim_prefix>`, ... in a code answer) are plain
+text, as in pre-training: read as control tokens, one answer could end itself mid-sentence
+or teach the model to emit FIM markers. The text is cut only where the template put `end`,
+which is also where whole-text encoding with special tokens cuts it, so the merges are the
+same.
 """
 
 from __future__ import annotations
@@ -15,6 +22,22 @@ import numpy as np
 from xgen.config import ChatTemplateConfig
 from xgen.sft.formats import Conversation
 from xgen.tokenizer import Tokenizer
+
+
+def encode_with_ends(text: str, ends: list[int], end: str, tokenizer: Tokenizer) -> list[int]:
+    """`text` as ids with `end` as its special token at the character positions `ends` only;
+    everything else is ordinary text. An `end` that is not a special token of the tokenizer
+    is ordinary text too."""
+    if end not in tokenizer.encoding.special_tokens_set:
+        return tokenizer.encode_ordinary(text)
+    end_id = tokenizer.encoding.encode_single_token(end)
+    ids: list[int] = []
+    start = 0
+    for at in ends:
+        ids += tokenizer.encode_ordinary(text[start:at])
+        ids.append(end_id)
+        start = at + len(end)
+    return ids + tokenizer.encode_ordinary(text[start:])
 
 
 def render(
@@ -36,7 +59,8 @@ def render(
             trained.append((at + len(template.assistant_prefix), at + len(piece)))
         parts.append(piece)
         at += len(piece)
-    ids = tokenizer.encode("".join(parts))
+    ends = [stop - len(template.end) for _, stop in trained]
+    ids = encode_with_ends("".join(parts), ends, template.end, tokenizer)
     _, starts = tokenizer.encoding.decode_with_offsets(ids)
     starts = np.asarray(starts)
     mask = np.zeros(len(ids), np.int32)
