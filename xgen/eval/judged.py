@@ -162,9 +162,9 @@ class Answerer:
                                          top_p=ev.top_p, stop=stop)  # fmt: skip
 
     def ids(self, prompt: Prompt, text: str) -> list[int]:
-        from xgen.generate.chat import render_prompt
+        from xgen.generate.chat import prompt_ids
 
-        return self.engine.tokenizer.encode(render_prompt(self.template, prompt.render(text)))
+        return prompt_ids(self.template, prompt.render(text), self.engine.tokenizer)
 
     def fit(self, prompt: Prompt) -> tuple[list[int], bool]:
         """The prompt's ids within the budget, and whether its text had to be cut."""
@@ -172,7 +172,7 @@ class Answerer:
         if len(ids) <= self.budget:
             return ids, False
         tok = self.engine.tokenizer
-        text_ids = tok.encode(prompt.text)
+        text_ids = tok.encode_ordinary(prompt.text)
         keep = self.budget - len(self.ids(prompt, ""))
         while True:
             if keep <= 0:

@@ -87,10 +87,21 @@ def read_task(data_path: str | Path, task: str, limit: int | None = None) -> lis
 # ---- prompts ----------------------------------------------------------------------------
 
 
+def _messages(dialogue: str, instruction: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": instruction + "\n\n" + dialogue}]
+
+
 def build_prompt(template, dialogue: str, instruction: str = INSTRUCTION) -> str:
     from xgen.generate.chat import render_prompt
 
-    return render_prompt(template, [{"role": "user", "content": instruction + "\n\n" + dialogue}])
+    return render_prompt(template, _messages(dialogue, instruction))
+
+
+def prompt_ids(tokenizer, template, dialogue: str, instruction: str = INSTRUCTION) -> list[int]:
+    """`build_prompt` as ids, the transcript's text as text (see `xgen.generate.chat.prompt_ids`)."""
+    from xgen.generate.chat import prompt_ids as chat_prompt_ids
+
+    return chat_prompt_ids(template, _messages(dialogue, instruction), tokenizer)
 
 
 @dataclass
@@ -103,13 +114,13 @@ class Prompt:
 def fit_prompt(tokenizer, template, item: Dialogue, max_tokens: int, side: str) -> Prompt:
     """The prompt's ids, at most `max_tokens`: the transcript is cut at token level on `side`
     and the prompt re-rendered and re-encoded (a cut can merge tokens; the loop absorbs that)."""
-    ids = tokenizer.encode(build_prompt(template, item.dialogue))
+    ids = prompt_ids(tokenizer, template, item.dialogue)
     if len(ids) <= max_tokens:
         return Prompt(item, ids, 0)
-    dialogue_ids = tokenizer.encode(item.dialogue)
+    dialogue_ids = tokenizer.encode_ordinary(item.dialogue)
     keep = len(dialogue_ids) - (len(ids) - max_tokens)
     while keep > 0:
-        ids = tokenizer.encode(build_prompt(template, tokenizer.decode(truncate_tokens(dialogue_ids, keep, side))))
+        ids = prompt_ids(tokenizer, template, tokenizer.decode(truncate_tokens(dialogue_ids, keep, side)))
         if len(ids) <= max_tokens:
             return Prompt(item, ids, len(dialogue_ids) - keep)
         keep -= len(ids) - max_tokens

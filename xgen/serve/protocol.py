@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from xgen.config import ChatTemplateConfig
 from xgen.generate import SamplingSettings
-from xgen.generate.chat import render_prompt, stop_strings
+from xgen.generate.chat import prompt_ids, stop_strings
 from xgen.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 5  # OpenAI's limit, and what the engine returns per token
@@ -246,7 +246,7 @@ def parse_chat(
     _check_fields(body, CHAT_FIELDS)
     if body.get("logprobs"):
         raise RequestError("'logprobs' is not supported for chat; use /v1/completions", "logprobs")
-    prompt = tokenizer.encode(render_prompt(template, _messages(body)))
+    prompt = prompt_ids(template, _messages(body), tokenizer)
     settings, stream, usage = _sampling(body, len(prompt), limits, default_max_tokens, 1, "messages")
     stops = tuple(dict.fromkeys([*stop_strings(template), *settings.stop]))
     return ChatRequest(prompt, dataclasses.replace(settings, stop=stops), stream, usage)

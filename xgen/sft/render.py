@@ -24,22 +24,6 @@ from xgen.sft.formats import Conversation
 from xgen.tokenizer import Tokenizer
 
 
-def encode_with_ends(text: str, ends: list[int], end: str, tokenizer: Tokenizer) -> list[int]:
-    """`text` as ids with `end` as its special token at the character positions `ends` only;
-    everything else is ordinary text. An `end` that is not a special token of the tokenizer
-    is ordinary text too."""
-    if end not in tokenizer.encoding.special_tokens_set:
-        return tokenizer.encode_ordinary(text)
-    end_id = tokenizer.encoding.encode_single_token(end)
-    ids: list[int] = []
-    start = 0
-    for at in ends:
-        ids += tokenizer.encode_ordinary(text[start:at])
-        ids.append(end_id)
-        start = at + len(end)
-    return ids + tokenizer.encode_ordinary(text[start:])
-
-
 def render(
     conv: Conversation, template: ChatTemplateConfig, tokenizer: Tokenizer, *, system_header: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +44,7 @@ def render(
         parts.append(piece)
         at += len(piece)
     ends = [stop - len(template.end) for _, stop in trained]
-    ids = encode_with_ends("".join(parts), ends, template.end, tokenizer)
+    ids = tokenizer.encode_with_special_at("".join(parts), template.end, ends)
     _, starts = tokenizer.encoding.decode_with_offsets(ids)
     starts = np.asarray(starts)
     mask = np.zeros(len(ids), np.int32)

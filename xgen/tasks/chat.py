@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xgen.config import XGenConfig
 from xgen.generate import settings_from_config
-from xgen.generate.chat import render_prompt, stop_strings
+from xgen.generate.chat import prompt_ids, stop_strings
 from xgen.generate.load import load_engine
 
 
@@ -37,7 +37,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> list[dict]:
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        ids = engine.tokenizer.encode(render_prompt(cfg.chat_template, messages))
+        ids = prompt_ids(cfg.chat_template, messages, engine.tokenizer)
         budget = engine.max_len - len(ids)
         if budget <= 0:
             out.write("[the conversation no longer fits the model's context; /reset to start over]\n")

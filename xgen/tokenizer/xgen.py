@@ -93,6 +93,23 @@ class Tokenizer:
         """Special-token strings are plain text: what pre-training data uses."""
         return self.encoding.encode_ordinary(text)
 
+    def encode_with_special_at(self, text: str, special: str, positions: Sequence[int]) -> list[int]:
+        """`text` as ordinary text except `special` at the character `positions`, which
+        becomes its id: a template's own end-of-text is a control token, the same string
+        typed in a conversation is not. A `special` that is not a special token of this
+        tokenizer is ordinary text everywhere. Cutting only where the template put it is
+        where whole-text encoding cuts too, so the BPE merges are the same."""
+        if special not in self.encoding.special_tokens_set:
+            return self.encode_ordinary(text)
+        special_id = self.encoding.encode_single_token(special)
+        ids: list[int] = []
+        start = 0
+        for at in positions:
+            ids += self.encode_ordinary(text[start:at])
+            ids.append(special_id)
+            start = at + len(special)
+        return ids + self.encode_ordinary(text[start:])
+
     def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """Encode many documents on tiktoken's thread pool (the GIL is released while encoding)."""
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
