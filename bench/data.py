@@ -174,7 +174,7 @@ def bench_memory(workdir: Path, mb: int, workers: int) -> dict:
 
 def bench_long_document(workdir: Path, repeats: int) -> dict:
     from xgen.data.packing import PackedWindows
-    from xgen.data.prepare import CHUNK_TOKENS, write_token_documents
+    from xgen.data.shards import CHUNK_TOKENS, write_token_documents
     from xgen.data.store import ShardStore
 
     tok = Tokenizer.xgen()

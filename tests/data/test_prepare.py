@@ -202,7 +202,7 @@ def test_data_prepared_in_the_old_layout_or_with_other_raw_settings_is_refused_i
 
 def long_document_store(tmp_path, n_tokens: int):
     """A prepared source holding one document of `n_tokens` (written without tokenizing)."""
-    from xgen.data.prepare import write_token_documents
+    from xgen.data.shards import write_token_documents
 
     tokens = (np.arange(n_tokens) % 50_000).astype(np.uint16)
     write_token_documents(tmp_path / "long", "long", [tokens], Tokenizer.xgen())
@@ -211,7 +211,7 @@ def long_document_store(tmp_path, n_tokens: int):
 
 def test_a_window_of_a_ten_million_token_document_reads_only_the_records_it_covers(tmp_path):
     from xgen.data.packing import PackedWindows
-    from xgen.data.prepare import CHUNK_TOKENS
+    from xgen.data.shards import CHUNK_TOKENS
 
     n = 10_000_000
     store, tokens = long_document_store(tmp_path, n)

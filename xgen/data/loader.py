@@ -15,8 +15,8 @@ to `data_mix.json`.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,7 +67,7 @@ def sampling_weights(weights: list[float]) -> list[float]:
     return [i / sum(ints) for i in ints]
 
 
-def _empty_part_error(mix: DataMixConfig, part: Part, packed: PackedWindows, seq_len: int) -> str:
+def _empty_part_error(part: Part, packed: PackedWindows, seq_len: int) -> str:
     what = "no documents" if not len(part.docs) else f"{packed.total_tokens} tokens, not one sequence of stage.seq_len={seq_len}"
     return (
         f"data_mix.sources.{part.source}: part {part.name} has {what} "
@@ -119,9 +119,9 @@ def build_pipeline(
             rows.append(row)
             if len(packed) == 0:
                 if not part.allow_empty:
-                    raise ConfigError(_empty_part_error(mix, part, packed, stage.seq_len))
+                    raise ConfigError(_empty_part_error(part, packed, stage.seq_len))
                 row["skipped"] = "empty (allow_empty)"
-                log.warning("data %s: %s", part.name, _empty_part_error(mix, part, packed, stage.seq_len))
+                log.warning("data %s: %s", part.name, _empty_part_error(part, packed, stage.seq_len))
                 continue
             kept.append((part, packed))
     if not kept:

@@ -16,7 +16,7 @@ import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from xgen.config import ConfigError
-from xgen.data.prepare import MANIFEST, check_tokenizer
+from xgen.data.shards import MANIFEST, check_tokenizer
 from xgen.tokenizer import Tokenizer
 
 
