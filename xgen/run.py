@@ -23,7 +23,9 @@ register_configs()
 
 # Set HYDRA_FULL_ERROR=1 yourself to see full tracebacks for config errors too.
 _USER_WANTS_TRACES = "HYDRA_FULL_ERROR" in os.environ
-_CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The top-level conf/, installed as the package xgen.conf (setup.py): found the same way in
+# a source checkout, an editable install and a wheel.
+_CONFIG_PATH = "pkg://xgen.conf"
 
 
 def _config_error_line(ex: BaseException) -> str | None:
@@ -111,7 +113,7 @@ def _start_distributed(cfg) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path=_CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=_CONFIG_PATH, config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     try:
         _cpu_only_backend(cfg)

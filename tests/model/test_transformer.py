@@ -140,3 +140,22 @@ def test_attention_kernels_match_dense_with_and_without_segments(kv_heads, kerne
     np.testing.assert_allclose(
         np.asarray(a(tokens, positions, segments)), np.asarray(b(tokens, positions, segments)), atol=2e-5
     )
+
+
+@pytest.mark.parametrize("length", [13, 17, 31])
+def test_the_chunked_kernel_pads_an_uneven_length_and_matches_dense_values_and_gradients(length):
+    from xgen.model.attention import _chunked, causal_attention
+
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (2, length, 4, 8))
+    k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in keys[1:])
+    segments = jnp.concatenate([jnp.ones((2, 5), jnp.int32), 2 * jnp.ones((2, length - 5), jnp.int32)], axis=1)
+    for seg in (None, segments):
+        dense = causal_attention(q, k, v, segment_ids=seg, kernel="dense")
+        chunked = _chunked(q, k, v, seg, 4)  # length % 4 != 0: padded, not silently dense
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(dense), atol=2e-5)
+        g_dense = jax.grad(lambda q: causal_attention(q, k, v, segment_ids=seg, kernel="dense").sum())(q)
+        g_chunked = jax.grad(lambda q: causal_attention(q, k, v, segment_ids=seg, kernel="chunked", chunk=4).sum())(q)
+        np.testing.assert_allclose(np.asarray(g_chunked), np.asarray(g_dense), atol=2e-5)
+    # The chunked path ran (lax.map over query blocks is a scan), not a silent fall-back to dense.
+    assert "scan" in str(jax.make_jaxpr(lambda q: causal_attention(q, k, v, kernel="chunked", chunk=4))(q))

@@ -34,7 +34,7 @@ def causal_attention(
     if kernel == "xla":
         mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-    if kernel == "dense" or t <= chunk or t % chunk:
+    if kernel == "dense" or t <= chunk:
         allowed = jnp.tril(jnp.ones((t, t), bool))[None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -89,11 +89,16 @@ def cached_attention(
 
 
 def _chunked(q, k, v, segment_ids, chunk):
+    """Query blocks of `chunk` rows against all keys. A length that is not a multiple of
+    the chunk pads the queries (never the keys) with rows that match no key, cut off after:
+    the result is the dense kernel's for any length, with the chunked kernel's memory."""
     b, t, h, d = q.shape
-    n = t // chunk
-    q_blocks = q.reshape(b, n, chunk, h, d).swapaxes(0, 1)  # [n, B, c, H, D]
+    n = -(-t // chunk)
+    pad = n * chunk - t
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-    seg_blocks = seg.reshape(b, n, chunk).swapaxes(0, 1)
+    q_seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)  # padded rows: no key has segment -1
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)  # [n, B, c, H, D]
+    seg_blocks = q_seg.reshape(b, n, chunk).swapaxes(0, 1)
     key_pos = jnp.arange(t)
 
     @jax.checkpoint
@@ -104,4 +109,4 @@ def _chunked(q, k, v, segment_ids, chunk):
         return masked_attention(q_i, k, v, allowed)
 
     out = jax.lax.map(block, (q_blocks, jnp.arange(n) * chunk, seg_blocks))
-    return out.swapaxes(0, 1).reshape(b, t, h, d)
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :t]
