@@ -95,8 +95,8 @@ def bench_loader(workdir: Path, steps: int) -> dict:
 
     from xgen.config import register_configs, to_object
     from xgen.data import build_pipeline
-    from xgen.data.synthetic import write_corpus as write_synthetic
     from xgen.data.prepare import prepare_mix
+    from xgen.data.synthetic import write_corpus as write_synthetic
     from xgen.train.trainer import Trainer
 
     register_configs()

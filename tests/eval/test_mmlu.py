@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import compose_config
 from xgen.config import ConfigError
+from xgen.eval.fixtures.mmlu import write_mmlu
 from xgen.eval.mmlu import (
     CATEGORIES,
     SUBCATEGORIES,
@@ -27,7 +28,6 @@ from xgen.eval.mmlu import (
     read_split,
     subjects_in,
 )
-from xgen.eval.fixtures.mmlu import write_mmlu
 from xgen.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import xgen.hf
 from xgen.config import ConfigError, ModelConfig
-from xgen.hf.convert import iter_paths, get_path
+from xgen.hf.convert import get_path, iter_paths
 from xgen.model import XGenModel
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.serve.conftest import Client
 from xgen.generate import Completion, SamplingSettings, Scored
 from xgen.serve import Job, Row, XGenServer
 from xgen.tokenizer import Tokenizer
-from tests.serve.conftest import Client
 
 
 class FakeEngine:

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
+from tests.serve.conftest import TEMPLATE
 from xgen.generate import SamplingSettings
 from xgen.generate.chat import render_prompt, stop_strings
-from tests.serve.conftest import TEMPLATE
 
 PROMPT = "The quick brown fox jumps over"
 

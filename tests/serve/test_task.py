@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from xgen.generate import SamplingSettings
 from tests.serve.conftest import Client
+from xgen.generate import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[2]
 

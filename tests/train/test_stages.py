@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import compose_config
 from xgen.config import OptimizerConfig
 from xgen.train.optimizer import lr_schedule

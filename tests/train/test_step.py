@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xgen.config import ModelConfig, OptimizerConfig
+from xgen.config import ModelConfig, OptimizerConfig, SpikeConfig
 from xgen.model import XGenModel
 from xgen.train.optimizer import decay_mask, lr_schedule, make_optimizer
-from xgen.config import SpikeConfig
 from xgen.train.step import RunningStats, TrainState, cross_entropy, train_step
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64, max_positions=64)

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig
-from xgen.data.inputs import RawFile, cached_digest, expand_paths, exists
+from xgen.data.inputs import RawFile, cached_digest, exists, expand_paths
 from xgen.data.readers import read_documents
 from xgen.data.shards import (
     MANIFEST,

@@ -25,7 +25,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from xgen.config import ConfigError
-from xgen.eval.common import ItemStore, Progress, batched, check_truncation, input_budget, markdown, model_label, read_records, truncate_tokens, write_result
+from xgen.eval.common import (
+    ItemStore,
+    Progress,
+    batched,
+    check_truncation,
+    input_budget,
+    markdown,
+    model_label,
+    read_records,
+    truncate_tokens,
+    write_result,
+)
 from xgen.eval.sandbox import ExecResult, Sandbox
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,11 @@ from xgen.eval.common import (
     ItemStore,
     Progress,
     batched,
+    check_truncation,
+    input_budget,
     markdown,
     model_label,
     read_records,
-    check_truncation,
-    input_budget,
     truncate_tokens,
     write_result,
 )

@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Sequence
 
-import jax
 import flax.linen as nn
+import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 

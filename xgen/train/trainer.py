@@ -30,8 +30,8 @@ from xgen.parallel import activation_constraint, axis_rules, logical_sharding, m
 from xgen.train import checkpoint
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer
-from xgen.train.throughput import flops_per_token, measure_matmul_peak
 from xgen.train.step import RunningStats, TrainState, train_step
+from xgen.train.throughput import flops_per_token, measure_matmul_peak
 
 log = logging.getLogger(__name__)
 
