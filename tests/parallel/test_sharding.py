@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -67,7 +68,9 @@ def test_parameters_are_split_as_the_rules_say(tmp_path):
         # Each device holds 1/2 of every split axis (fsdp=2, tensor=2).
         assert shard == tuple(d // 2 if ax is not None else d for d, ax in zip(array.shape, spec)), name
     # Adam's moments are placed like their parameters.
-    mu = state.opt_state[1][0].mu["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (adam,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(s)]
+    mu = adam.mu["layers"][0]["mlp"]["up_proj"]["kernel"][...]
     assert mu.sharding.spec == P("fsdp", "tensor")
 
 

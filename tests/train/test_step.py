@@ -1,12 +1,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from xgen.config import ModelConfig, OptimizerConfig, SpikeConfig
 from xgen.model import XGenModel
-from xgen.train.optimizer import decay_mask, lr_schedule, make_optimizer
+from xgen.train.optimizer import applied_learning_rate, decay_mask, lr_schedule, make_optimizer, mark_reset
 from xgen.train.step import RunningStats, TrainState, cross_entropy, train_step
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64, max_positions=64)
@@ -50,7 +51,7 @@ def test_train_steps_fit_a_fixed_batch():
     graphdef, params = nnx.split(model)
     opt = OptimizerConfig(lr=1e-2, warmup_steps=0)
     sched = lr_schedule(opt, 30)
-    tx = make_optimizer(opt, sched)
+    tx = make_optimizer(opt)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), stats=RunningStats.zeros())
     tokens = jax.random.randint(jax.random.key(3), (4, 17), 0, TINY.vocab_size)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -70,7 +71,7 @@ def setup_step(policy: str, warmup: int = 5):
     graphdef, params = nnx.split(model)
     opt = OptimizerConfig(lr=1e-3, warmup_steps=0)
     sched = lr_schedule(opt, 100)
-    tx = make_optimizer(opt, sched)
+    tx = make_optimizer(opt)
     spike = SpikeConfig(policy=policy, threshold=3.0, warmup_steps=warmup)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), RunningStats.zeros())
     step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, schedule=sched, spike=spike))
@@ -130,7 +131,52 @@ def test_flops_per_token_is_six_n_plus_attention(make_config):
 def test_adam_first_moment_can_be_kept_in_bfloat16():
     params = nnx.state(XGenModel(TINY, rngs=nnx.Rngs(0)), nnx.Param)
     opt = OptimizerConfig(mu_dtype="bfloat16")
-    state = make_optimizer(opt, lr_schedule(opt, 10)).init(params)
-    adam = state[1][0]
+    state = make_optimizer(opt).init(params)
+    (adam,) = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
     assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype("float32")}
+
+
+def lr_setup(rewarm_steps: int = 0):
+    graphdef, params = nnx.split(XGenModel(TINY, rngs=nnx.Rngs(0)))
+    opt = OptimizerConfig(lr=1e-3, warmup_steps=10)
+    sched = lr_schedule(opt, 100)
+    tx = make_optimizer(opt)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), RunningStats.zeros())
+    step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, schedule=sched, rewarm_steps=rewarm_steps))
+    return state, step, sched, tx
+
+
+def test_the_rate_applied_is_the_rate_logged_also_after_skipped_steps():
+    state, step, sched, _ = lr_setup()
+    poison = batch_of(1)
+    poison["inputs"] = poison["inputs"].at[0, 0].set(3)
+    for k in range(8):
+        if k in (2, 3):  # two non-finite steps: skipped, yet the clock moves on with the train step
+            bad = state.replace(params=jax.tree.map(lambda p: p, state.params))
+            emb = bad.params["embed_tokens"]
+            emb[...] = emb[...].at[3].set(jnp.inf)
+            after, out = step(bad, poison)
+            assert bool(out["skipped"])
+            state = after.replace(params=state.params)
+            continue
+        before = int(state.step)
+        state, out = step(state, batch_of(k))
+        applied = float(applied_learning_rate(state.opt_state))
+        assert applied == pytest.approx(float(out["learning_rate"]), rel=1e-6) == pytest.approx(float(sched(before)), rel=1e-6)
+    assert float(applied_learning_rate(state.opt_state)) == pytest.approx(float(sched(7)), rel=1e-6)
+
+
+@pytest.mark.parametrize("rewarm", [0, 4])
+def test_reset_optimizer_continues_the_schedule_and_warms_up_again_only_when_asked(rewarm):
+    state, step, sched, tx = lr_setup(rewarm)
+    for k in range(30):
+        state, _ = step(state, batch_of(k % 3))
+    reset = state.replace(opt_state=mark_reset(tx.init(state.params), state.step))  # what trainer.reset_optimizer does
+    after, out = step(reset, batch_of(0))
+    expected = float(sched(30)) * (1 / rewarm if rewarm else 1.0)
+    assert float(out["learning_rate"]) == pytest.approx(expected, rel=1e-6)
+    assert float(applied_learning_rate(after.opt_state)) == pytest.approx(expected, rel=1e-6)
+    for _ in range(5):
+        after, out = step(after, batch_of(1))
+    assert float(out["learning_rate"]) == pytest.approx(float(sched(35)), rel=1e-6)  # the ramp is over

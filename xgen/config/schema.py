@@ -241,8 +241,11 @@ class TrainerConfig:
     # Start from this run directory's newest checkpoint (model, optimizer, step; not the data
     # position) when the run's own directory has none: how a stage starts from the last.
     init_from: Optional[str] = None
-    # With init_from: start the optimizer state afresh (the step count still continues).
+    # With init_from: start the optimizer state afresh (the step count, and so the learning
+    # rate schedule, still continues).
     reset_optimizer: bool = False
+    # After reset_optimizer: ramp the rate up linearly over this many steps (0: no new warmup).
+    rewarm_steps: int = 0
     # Take only the parameters from init_from: a fresh optimizer and step 0 (fine-tuning;
     # MaxText's load_parameters_path). Parameters-only checkpoints (import_hf) always do.
     init_params_only: bool = False

@@ -26,6 +26,7 @@ def validate(cfg: XGenConfig) -> None:
         (m.attention in ATTENTION_KERNELS, f"model.attention={m.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}"),
         (hw.compute_dtype in _DTYPES, f"hardware.compute_dtype={hw.compute_dtype!r} is not one of {_DTYPES}"),
         (t.grad_accum_steps > 0, f"trainer.grad_accum_steps={t.grad_accum_steps} must be positive"),
+        (t.rewarm_steps >= 0, f"trainer.rewarm_steps={t.rewarm_steps} must not be negative"),
         (cfg.optimizer.mu_dtype in _DTYPES, f"optimizer.mu_dtype={cfg.optimizer.mu_dtype!r} is not one of {_DTYPES}"),
         (t.spike.policy in ("log", "skip", "rollback"), f"trainer.spike.policy={t.spike.policy!r} is not one of log, skip, rollback"),
         (0 < t.spike.decay < 1, f"trainer.spike.decay={t.spike.decay} must be in (0, 1)"),

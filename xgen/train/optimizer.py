@@ -1,12 +1,24 @@
-"""AdamW with LLaMA's settings and a warmup + cosine schedule, all from optax."""
+"""AdamW with LLaMA's settings and a warmup + cosine schedule, all from optax, on one clock.
+
+The learning rate is a function of the train state's step, never of optax's own update
+counter: it is computed in the step, written into the optimizer state as an injected
+hyperparameter (`optax.inject_hyperparams`) and logged from the same value. A skipped or
+non-finite step, a rollback or `trainer.reset_optimizer` therefore cannot make the rate
+applied differ from the rate logged. After a reset the schedule continues; a fresh warmup
+happens only with `trainer.rewarm_steps`, from the step recorded in the optimizer state.
+"""
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from xgen.config import OptimizerConfig
+
+_NEVER = -(2**30)  # rewarm start of an optimizer that was never reset: no ramp
 
 
 def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -27,13 +39,29 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+class RewarmState(NamedTuple):
+    """The step at which the optimizer state was last reset (checkpointed with it)."""
+
+    start: jax.Array
+
+
+def _rewarm_marker() -> optax.GradientTransformation:
+    """Holds `RewarmState` in the optimizer state; leaves updates alone."""
+    return optax.GradientTransformation(
+        lambda params: RewarmState(jnp.asarray(_NEVER, jnp.int32)), lambda updates, state, params=None: (updates, state)
+    )
+
+
+def make_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
     """Clip the global gradient norm, then AdamW (every `optimizer/` file is a variant of it:
-    `name` labels the settings; Adam is weight_decay=0)."""
+    `name` labels the settings; Adam is weight_decay=0). The learning rate is a hyperparameter
+    in the state that `with_learning_rate` sets before each update."""
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))
     return optax.chain(
+        _rewarm_marker(),
         optax.clip_by_global_norm(opt.grad_clip),
-        optax.adamw(
-            schedule,
+        adamw(
+            learning_rate=0.0,
             b1=opt.beta1,
             b2=opt.beta2,
             eps=opt.eps,
@@ -42,3 +70,45 @@ def make_optimizer(opt: OptimizerConfig, schedule: optax.Schedule) -> optax.Grad
             mu_dtype=jnp.dtype(opt.mu_dtype),
         ),
     )
+
+
+def _is_injected(x: Any) -> bool:
+    return isinstance(x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def _is_rewarm(x: Any) -> bool:
+    return isinstance(x, RewarmState)
+
+
+def with_learning_rate(opt_state: optax.OptState, lr: jax.Array) -> optax.OptState:
+    """The state with the rate the next update applies."""
+
+    def put(s):
+        if not _is_injected(s):
+            return s
+        return s._replace(hyperparams={**s.hyperparams, "learning_rate": jnp.asarray(lr, s.hyperparams["learning_rate"].dtype)})
+
+    return jax.tree.map(put, opt_state, is_leaf=_is_injected)
+
+
+def applied_learning_rate(opt_state: optax.OptState) -> jax.Array:
+    """The rate the last update applied, read from the optimizer state."""
+    (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(s)]
+    return state.hyperparams["learning_rate"]
+
+
+def mark_reset(opt_state: optax.OptState, step: int | jax.Array) -> optax.OptState:
+    """A freshly initialized state, recorded as reset at `step` (for `trainer.rewarm_steps`)."""
+    return jax.tree.map(
+        lambda s: RewarmState(jnp.asarray(step, jnp.int32)) if _is_rewarm(s) else s, opt_state, is_leaf=_is_rewarm
+    )
+
+
+def learning_rate_at(schedule: optax.Schedule, opt_state: optax.OptState, step: jax.Array, rewarm_steps: int) -> jax.Array:
+    """The schedule at the train step, ramped linearly over `rewarm_steps` after a reset."""
+    lr = schedule(step)
+    if rewarm_steps <= 0:
+        return lr
+    (marker,) = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_rewarm) if _is_rewarm(s)]
+    ramp = jnp.clip((step - marker.start + 1) / rewarm_steps, 0.0, 1.0)
+    return lr * ramp

@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 
 from xgen.config import SpikeConfig
+from xgen.train.optimizer import learning_rate_at, with_learning_rate
 
 
 @struct.dataclass
@@ -97,6 +98,7 @@ def train_step(
     schedule: optax.Schedule,
     spike: SpikeConfig = SpikeConfig(),
     micro_batches: int = 1,
+    rewarm_steps: int = 0,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One AdamW update, unless the loss or gradients are non-finite (never applied) or the
     step is a spike under a skip/rollback policy; returns the new state and the metrics."""
@@ -108,8 +110,11 @@ def train_step(
     is_spike = finite & (state.stats.count >= spike.warmup_steps) & jnp.any(observed > limit)
     apply = finite & ~(is_spike & (spike.policy != "log"))
 
+    # One clock: the rate applied is the schedule at the train step, and it is what is logged.
+    lr = learning_rate_at(schedule, state.opt_state, state.step, rewarm_steps)
+
     def update(state: TrainState) -> tuple[nnx.State, optax.OptState]:
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, with_learning_rate(state.opt_state, lr), state.params)
         return optax.apply_updates(state.params, updates), opt_state
 
     # A branch, not a select: the skipped path reads no optimizer state, and the taken one
@@ -124,7 +129,7 @@ def train_step(
         "loss": loss,
         "grad_norm": grad_norm,
         "param_norm": optax.global_norm(new_state.params),
-        "learning_rate": schedule(state.step),
+        "learning_rate": lr,
         "spike": is_spike,
         "nonfinite": ~finite,
         "skipped": ~apply,

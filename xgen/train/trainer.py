@@ -29,7 +29,7 @@ from xgen.model import XGenModel, count_params
 from xgen.parallel import activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
 from xgen.train import checkpoint
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
-from xgen.train.optimizer import lr_schedule, make_optimizer
+from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
 from xgen.train.step import RunningStats, TrainState, train_step
 from xgen.train.throughput import flops_per_token, measure_matmul_peak
 
@@ -113,7 +113,7 @@ class Trainer:
         self.mesh = make_mesh(cfg.hardware, devices)
         rules = axis_rules(cfg.hardware)
         self.schedule = lr_schedule(cfg.optimizer, self.steps)
-        self.tx = make_optimizer(cfg.optimizer, self.schedule)
+        self.tx = make_optimizer(cfg.optimizer)
         make_model = partial(
             XGenModel,
             cfg.model,
@@ -143,6 +143,7 @@ class Trainer:
                 schedule=self.schedule,
                 spike=cfg.trainer.spike,
                 micro_batches=cfg.trainer.grad_accum_steps,
+                rewarm_steps=cfg.trainer.rewarm_steps,
             ),
             out_shardings=(self.state_sharding, None),
             donate_argnums=0,
@@ -268,7 +269,8 @@ class Trainer:
             state, _, step = checkpoint.restore_latest(init_mngr, self.abstract_state)
         log.info("starting from %s at step %d", source, step)
         if self.cfg.trainer.reset_optimizer:
-            state = state.replace(opt_state=jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(state.params))
+            fresh = jax.jit(lambda p, step: mark_reset(self.tx.init(p), step), out_shardings=self.state_sharding.opt_state)
+            state = state.replace(opt_state=fresh(state.params, state.step))
         return state
 
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
