@@ -37,7 +37,7 @@ def tiny_engine(tiny_model):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_model, tmp_path_factory) -> Path:
     """A parameters-only checkpoint of `tiny_model` (what `checkpoint=` accepts)."""
-    from xgen.train.checkpoint import save_params
+    from xgen.checkpoint import save_params
 
     cfg, _, params = tiny_model
     path = tmp_path_factory.mktemp("tiny_ckpt")

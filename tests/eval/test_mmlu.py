@@ -188,7 +188,7 @@ def test_the_eval_group_composes_with_data_under_data_dir():
 
 
 def test_the_command_writes_mmlu_json_and_md(tiny, tmp_path):
-    from xgen.train.checkpoint import save_params
+    from xgen.checkpoint import save_params
 
     cfg, _, params = tiny
     save_params(tmp_path / "ckpt", params, {"config": {"model": dataclasses.asdict(cfg)}})

@@ -99,8 +99,8 @@ def two_checkpoints(tiny_model, tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint and one with other weights, in directories named like stages."""
     from flax import nnx
 
+    from xgen.checkpoint import save_params
     from xgen.model.transformer import XGenModel
-    from xgen.train.checkpoint import save_params
 
     cfg, _, _ = tiny_model
     other = nnx.state(XGenModel(cfg, rngs=nnx.Rngs(1)), nnx.Param)

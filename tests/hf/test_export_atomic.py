@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 from flax import nnx
 
+from xgen import checkpoint
 from xgen.config import ModelConfig
 from xgen.hf import io
 from xgen.model.transformer import XGenModel
-from xgen.train import checkpoint
 
 CFG = ModelConfig(name="t", d_model=32, n_layers=2, n_heads=4, d_ff=64)
 

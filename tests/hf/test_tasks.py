@@ -17,12 +17,12 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import compose_config
+from xgen import checkpoint
 from xgen.config import ConfigError
 from xgen.hf.convert import model_config_from_dict
 from xgen.model import XGenModel
 from xgen.tasks import run_task
 from xgen.tokenizer import Tokenizer
-from xgen.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ("stage.seq_len=32", "stage.batch_tokens=128", "data_mix.sources.python_stdlib.max_documents=20")

@@ -12,13 +12,13 @@ from flax import nnx
 
 from xgen.config import ChatTemplateConfig, ModelConfig
 from xgen.generate.chat import render_prompt, turn_text
+from xgen.model.loss import loss_fn
 from xgen.model.transformer import XGenModel
 from xgen.sft.formats import Conversation, Turn
 from xgen.sft.packing import pack, to_model_batch
 from xgen.sft.render import render
 from xgen.tokenizer import Tokenizer
 from xgen.tokenizer.xgen import STARCODER_SPECIALS
-from xgen.train.step import loss_fn
 
 TOK = Tokenizer.xgen()
 TEMPLATE = ChatTemplateConfig()

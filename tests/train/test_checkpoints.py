@@ -132,9 +132,9 @@ def test_imported_parameters_start_training_like_a_reset_optimizer(tmp_path):
     with trainer.reset_optimizer=true, so both log the same first loss."""
     from flax import nnx
 
+    from xgen import checkpoint
     from xgen.generate.load import model_config_of
     from xgen.model.transformer import XGenModel
-    from xgen.train import checkpoint
 
     source = tmp_path / "source"
     source.mkdir()

@@ -7,8 +7,9 @@ from flax import nnx
 
 from xgen.config import ModelConfig, OptimizerConfig, SpikeConfig
 from xgen.model import XGenModel
+from xgen.model.loss import cross_entropy
 from xgen.train.optimizer import applied_learning_rate, decay_mask, lr_schedule, make_optimizer, mark_reset
-from xgen.train.step import RunningStats, TrainState, cross_entropy, train_step
+from xgen.train.step import RunningStats, TrainState, train_step
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64, max_positions=64)
 

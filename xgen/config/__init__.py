@@ -1,5 +1,6 @@
-"""Typed configuration: the dataclasses behind `conf/` and their registration with Hydra."""
+"""Typed configuration: the dataclasses behind `conf/` (`schema`), their registration with Hydra (`store`)."""
 
+from xgen.config.errors import ConfigError
 from xgen.config.schema import (
     CarbonConfig,
     ChatTemplateConfig,
@@ -27,7 +28,16 @@ from xgen.config.schema import (
     TrainerConfig,
     XGenConfig,
 )
-from xgen.config.store import ConfigError, register_configs, to_object
+
+
+def __getattr__(name: str):
+    """Hydra is imported only by what registers or converts configs (`xgen.run`, tests), so
+    the model, data and inference packages import their dataclasses without it."""
+    if name in ("register_configs", "to_object"):
+        from xgen.config import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'xgen.config' has no attribute {name!r}")
 
 __all__ = [
     "CarbonConfig",

@@ -8,10 +8,6 @@ from omegaconf import DictConfig, OmegaConf
 from xgen.config.schema import XGenConfig
 
 
-class ConfigError(ValueError):
-    """A config that composes but makes no sense (e.g. heads that do not divide d_model)."""
-
-
 def register_configs() -> None:
     """Store the top-level schema as `xgen_schema`; `conf/config.yaml` lists it first in its defaults.
 

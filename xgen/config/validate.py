@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from xgen.config.errors import ConfigError
 from xgen.config.schema import HardwareConfig, XGenConfig
-from xgen.config.store import ConfigError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def model_config_of(path: str | Path) -> ModelConfig:
     """The model a checkpoint holds, from its own metadata (not from the command's `model=`)."""
-    from xgen.train import checkpoint
+    from xgen import checkpoint
 
     fields = checkpoint.read_meta(path).get("config", {}).get("model")
     if not fields:
@@ -50,7 +50,7 @@ def load_params(cfg: XGenConfig) -> tuple[ModelConfig, nnx.State]:
         abstract.replace_by_pure_dict(pure)
         params = jax.device_put(abstract, shardings)
     else:
-        from xgen.train import checkpoint
+        from xgen import checkpoint
 
         placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         params = checkpoint.restore_params(path, placed)

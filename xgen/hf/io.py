@@ -240,8 +240,8 @@ def export_checkpoint(
     Hugging Face directory, restoring only one shard's parameters at a time onto the CPU."""
     import jax
 
+    from xgen import checkpoint as ckpt
     from xgen.hf.convert import model_config_from_dict
-    from xgen.train import checkpoint as ckpt
 
     meta = ckpt.read_meta(checkpoint)
     try:
@@ -283,7 +283,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
     from flax import nnx
 
-    from xgen.train import checkpoint as ckpt
+    from xgen import checkpoint as ckpt
 
     out = Path(out_dir)
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):

@@ -9,9 +9,9 @@ import numpy as np
 from flax import nnx
 
 from xgen.config import ModelConfig
+from xgen.model.loss import loss_fn
 from xgen.model.transformer import XGenModel
 from xgen.sft.packing import Rows, to_model_batch
-from xgen.train.step import loss_fn
 
 
 def response_loss(model_cfg: ModelConfig, params: nnx.State, rows: Rows, batch_size: int = 8) -> float:

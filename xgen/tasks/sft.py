@@ -48,9 +48,9 @@ def heldout_losses(cfg: XGenConfig, run_dir: Path, heldout) -> dict[str, float]:
     import jax
     from flax import nnx
 
+    from xgen import checkpoint
     from xgen.model.transformer import XGenModel
     from xgen.sft.evaluate import response_loss
-    from xgen.train import checkpoint
 
     abstract = nnx.state(nnx.eval_shape(lambda: XGenModel(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

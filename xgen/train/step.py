@@ -1,4 +1,4 @@
-"""The loss and the training step: pure functions of (state, batch), jit-compiled once."""
+"""The training step: a pure function of (state, batch), jit-compiled once (the loss is `xgen.model.loss`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 
 from xgen.config import SpikeConfig
+from xgen.model.loss import loss_fn
 from xgen.train.optimizer import learning_rate_at, with_learning_rate
 
 
@@ -42,21 +43,6 @@ class TrainState:
     params: nnx.State
     opt_state: optax.OptState
     stats: RunningStats
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy over the target tokens where `mask` is 1 (all if None)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    if mask is None:
-        return losses.mean()
-    mask = mask.astype(jnp.float32)
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-    return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
 
 
 def _target_count(batch: dict[str, jax.Array]) -> jax.Array:

@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xgen import checkpoint
 from xgen.config import ConfigError, XGenConfig
 from xgen.config.validate import mesh_shape
 from xgen.data import DataPipeline
 from xgen.model import XGenModel, count_params
 from xgen.parallel import activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
-from xgen.train import checkpoint
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
 from xgen.train.step import RunningStats, TrainState, train_step
