@@ -170,3 +170,19 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_left_in_place(tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xgen: config error: checkpoint") and "/2" in lines[0], proc.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "checkpoints" / "4").exists()
+
+
+def test_a_params_only_start_holds_the_parameters_and_adams_moments_only(tmp_path):
+    """Peak memory of a params-only `init_from` (SFT, imported weights), from the compiled
+    constructor: the restored parameters are donated into the state, so only Adam's two
+    moments are new; no random state is built beside them (that was 6x the parameters)."""
+    import jax
+
+    from xgen.train.trainer import Trainer
+
+    trainer = Trainer(compose_config(*FAST, "trainer.steps=1"), tmp_path)
+    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state.params))
+    memory = trainer.from_params.lower(trainer.abstract_state.params).compile().memory_analysis()
+    assert memory.argument_size_in_bytes == memory.alias_size_in_bytes == params_bytes
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    assert 3 * params_bytes <= peak <= 3 * params_bytes + 4096  # parameters + mu + nu, and a few scalars

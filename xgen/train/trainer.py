@@ -134,6 +134,20 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
         )
         self._init = jax.jit(init, out_shardings=self.state_sharding)
+
+        def from_params(params: nnx.State) -> TrainState:
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), stats=RunningStats.zeros()
+            )
+
+        # Parameters donated into the state: a params-only start holds the parameters and the
+        # new optimizer state (3x the parameters for Adam), never a random state beside them.
+        self.from_params = jax.jit(from_params, out_shardings=self.state_sharding, donate_argnums=0)
+        self._reset_optimizer = jax.jit(
+            lambda s: s.replace(opt_state=mark_reset(self.tx.init(s.params), s.step)),
+            out_shardings=self.state_sharding,
+            donate_argnums=0,
+        )
         self.tokens_sharding = logical_sharding(self.mesh, rules, ("batch", "length"))
         self._step = jax.jit(
             partial(
@@ -263,14 +277,12 @@ class Trainer:
         if _params_only(self.cfg):  # fine-tuning, or imported weights (task=import_hf)
             params = checkpoint.restore_params(source, self.abstract_state.params)
             log.info("starting from the parameters in %s, with a fresh optimizer", source)
-            fresh = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
-            return self._init(jax.random.key(self.cfg.seed)).replace(params=params, opt_state=fresh)
+            return self.from_params(params)
         with checkpoint.open_manager(source, read_only=True) as init_mngr:
             state, _, step = checkpoint.restore_latest(init_mngr, self.abstract_state)
         log.info("starting from %s at step %d", source, step)
         if self.cfg.trainer.reset_optimizer:
-            fresh = jax.jit(lambda p, step: mark_reset(self.tx.init(p), step), out_shardings=self.state_sharding.opt_state)
-            state = state.replace(opt_state=fresh(state.params, state.step))
+            state = self._reset_optimizer(state)  # the old optimizer state is donated, not kept
         return state
 
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
