@@ -73,6 +73,10 @@ def test_command_line_override_beats_a_stage_default():
         ("model.n_heads=5", "model.n_heads=5"),
         ("hardware.mesh.tensor=3", "hardware.mesh"),
         ("prompt=def main():", "'prompt=def main():'"),
+        # Choice fields are enums: refused at composition, with the choices.
+        ("model.remat=everything", "expected one of [none, full, save_dots]"),
+        ("model.attention=flash", "expected one of [dense, xla, chunked]"),
+        ("trainer.spike.policy=ignore", "expected one of [log, skip, rollback]"),
     ],
 )
 def test_config_mistakes_fail_in_one_readable_line(override, needle, tmp_path):

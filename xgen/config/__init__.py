@@ -2,6 +2,7 @@
 
 from xgen.config.errors import ConfigError
 from xgen.config.schema import (
+    AttentionKernel,
     CarbonConfig,
     ChatTemplateConfig,
     DataMixConfig,
@@ -16,12 +17,14 @@ from xgen.config.schema import (
     OptimizerConfig,
     PrepareConfig,
     RawInputConfig,
+    Remat,
     SandboxConfig,
     ServeConfig,
     SFTConfig,
     SFTSourceConfig,
     SourceConfig,
     SpikeConfig,
+    SpikePolicy,
     StageConfig,
     TaskConfig,
     TokenizerConfig,
@@ -40,6 +43,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'xgen.config' has no attribute {name!r}")
 
 __all__ = [
+    "AttentionKernel",
+    "Remat",
+    "SpikePolicy",
     "CarbonConfig",
     "ChatTemplateConfig",
     "GenerateConfig",

@@ -8,9 +8,30 @@ deep inside JAX. Each dataclass is the only thing its home package reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+
+# Choice fields: Hydra refuses any other value at composition, naming the key and the choices.
+# StrEnum members equal their strings, so code compares them with plain strings.
+class Remat(StrEnum):
+    none = "none"
+    full = "full"
+    save_dots = "save_dots"
+
+
+class AttentionKernel(StrEnum):
+    dense = "dense"
+    xla = "xla"
+    chunked = "chunked"
+
+
+class SpikePolicy(StrEnum):
+    log = "log"
+    skip = "skip"
+    rollback = "rollback"
 
 
 @dataclass
@@ -41,11 +62,11 @@ class ModelConfig:
     init_std: float = 0.02
     # Rematerialization of each block in the backward pass (memory for compute):
     # none | full (keep only block inputs) | save_dots (keep matmul outputs without batch dims).
-    remat: str = "none"
+    remat: Remat = Remat.none
     # Attention kernel: dense (einsum scores) | xla (jax.nn.dot_product_attention: cuDNN
     # flash attention on GPUs) | chunked (blocks of `attention_chunk` queries, recomputed in
     # the backward pass: for long sequences without a fused kernel). See xgen/model/attention.py.
-    attention: str = "dense"
+    attention: AttentionKernel = AttentionKernel.dense
     attention_chunk: int = 1024
 
 
@@ -225,7 +246,7 @@ class SpikeConfig:
     and goes on with the batches after the spike. Non-finite losses or gradients never
     reach the parameters, whatever the policy."""
 
-    policy: str = "log"  # log | skip | rollback
+    policy: SpikePolicy = SpikePolicy.log
     threshold: float = 6.0
     decay: float = 0.99
     warmup_steps: int = 50

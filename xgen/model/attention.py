@@ -17,8 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ATTENTION_KERNELS = ("dense", "xla", "chunked")
-
 
 def causal_attention(
     q: jax.Array,
