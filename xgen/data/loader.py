@@ -118,7 +118,7 @@ def build_pipeline(
                    "sequences": len(packed), "dropped": part.dropped}  # fmt: skip
             rows.append(row)
             if len(packed) == 0:
-                if not part.allow_empty:
+                if not src.allow_empty:
                     raise ConfigError(_empty_part_error(part, packed, stage.seq_len))
                 row["skipped"] = "empty (allow_empty)"
                 log.warning("data %s: %s", part.name, _empty_part_error(part, packed, stage.seq_len))

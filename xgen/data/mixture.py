@@ -38,7 +38,6 @@ class Part:
     docs: np.ndarray
     weight: float
     dropped: dict[str, int] = field(default_factory=dict)
-    allow_empty: bool = False
 
 
 def stage_chunk(docs: np.ndarray, lengths: np.ndarray, split: dict[str, float], stage: str, seed: int) -> np.ndarray:
@@ -110,7 +109,7 @@ def select_parts(
     drops = {k: v for k, v in store.prepare_counts().items() if not k.startswith("missing_meta:")}
     if not src.weight_by:
         dropped = {**drops, **{k: int(m.sum()) for k, m in removed.items()}}
-        return [Part(name, name, docs, src.weight, _nonzero(dropped), src.allow_empty)]
+        return [Part(name, name, docs, src.weight, _nonzero(dropped))]
     if src.weight_by not in store.meta:
         raise ConfigError(f"data_mix.sources.{name}.weight_by={src.weight_by!r}: the data has no such metadata")
     totals = store.tokens_by(src.weight_by)
@@ -134,7 +133,7 @@ def select_parts(
         of_value = all_values == value
         dropped = {"dropped_short": short_by.get(value, 0), **{k: int((m & of_value).sum()) for k, m in removed.items()}}
         weight = src.weight * totals[value] / all_tokens
-        parts.append(Part(f"{name}/{value}", name, docs[values == value], weight, _nonzero(dropped), src.allow_empty))
+        parts.append(Part(f"{name}/{value}", name, docs[values == value], weight, _nonzero(dropped)))
     return parts
 
 

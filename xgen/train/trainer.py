@@ -121,11 +121,13 @@ class Trainer:
             constrain=activation_constraint(self.mesh, rules),
         )
 
-        def init(key: jax.Array) -> TrainState:
-            params = nnx.state(make_model(rngs=nnx.Rngs(key)))
+        def from_params(params: nnx.State) -> TrainState:
             return TrainState(
                 step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), stats=RunningStats.zeros()
             )
+
+        def init(key: jax.Array) -> TrainState:
+            return from_params(nnx.state(make_model(rngs=nnx.Rngs(key))))
 
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(rngs=nnx.Rngs(0))))
         abstract = jax.eval_shape(init, jax.random.key(0))
@@ -134,12 +136,6 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
         )
         self._init = jax.jit(init, out_shardings=self.state_sharding)
-
-        def from_params(params: nnx.State) -> TrainState:
-            return TrainState(
-                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), stats=RunningStats.zeros()
-            )
-
         # Parameters donated into the state: a params-only start holds the parameters and the
         # new optimizer state (3x the parameters for Adam), never a random state beside them.
         self.from_params = jax.jit(from_params, out_shardings=self.state_sharding, donate_argnums=0)
