@@ -101,7 +101,7 @@ def bench_loader(workdir: Path, steps: int) -> dict:
 
     register_configs()
     overrides = [
-        "data_mix=synthetic", f"data_dir={workdir}", "model=small", "model.attention=chunked", "stage=s3_8k", "stage.batch_tokens=8192",
+        "data_mix=synthetic", f"data_dir={workdir}", "model=small", "execution.attention=chunked", "stage=s3_8k", "stage.batch_tokens=8192",
         "prepare.workers=0", f"trainer.steps={steps}",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -269,7 +269,7 @@ def main() -> None:
         write_section("data-loader", f"""
 ### Data: loader against the `small` model's training step ({date}, {machine})
 
-`{command}` — packed batches of {r['batch']} from prepared shards (median of 50, one thread, no prefetch) against the median step time of {r["train_steps"]} training steps of `model=small model.attention=chunked` on the same batches (with the dense attention kernel its 8K-token step needs 55.7 GiB, over this machine's 23.5).
+`{command}` — packed batches of {r['batch']} from prepared shards (median of 50, one thread, no prefetch) against the median step time of {r["train_steps"]} training steps of `model=small execution.attention=chunked` on the same batches (with the dense attention kernel its 8K-token step needs 55.7 GiB, over this machine's 23.5).
 
 | | time |
 |---|---|

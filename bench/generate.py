@@ -31,16 +31,15 @@ from bench.train import xgen_config  # noqa: E402
 
 def xgen_engine(cfg):
     import jax
-    from flax import nnx
 
     from xgen.generate import Engine
-    from xgen.model.transformer import XGenModel
+    from xgen.runtime import Runtime
     from xgen.tokenizer import Tokenizer
     from xgen.tokenizer.xgen import xgen_encoding
 
-    params = nnx.state(XGenModel(cfg.model, rngs=nnx.Rngs(0)), nnx.Param)
-    params = jax.device_put(params)
-    return Engine(cfg.model, params, Tokenizer(xgen_encoding(), eos_id=-1), max_len=cfg.model.max_positions)
+    runtime = Runtime.local(cfg.model, cfg.execution)
+    params = runtime.init_params(jax.random.key(0))
+    return Engine(runtime, params, Tokenizer(xgen_encoding(), eos_id=-1), max_len=cfg.model.max_positions)
 
 
 def torch_model(cfg):
@@ -65,12 +64,12 @@ def timed(fn, repeats: int) -> float:
 def throughput(cfg, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
     import torch
 
-    from xgen.generate import SamplingSettings
+    from xgen.generate import SamplingConfig
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, 50000, (batch, prompt_len))
     engine, model = xgen_engine(cfg), torch_model(cfg)
-    settings = SamplingSettings(max_new_tokens=new)
+    settings = SamplingConfig(max_new_tokens=new)
     ours = lambda: engine.generate([list(p) for p in prompts], settings)  # noqa: E731
     ids = torch.from_numpy(prompts)
 
@@ -96,14 +95,14 @@ def throughput(cfg, batch: int, prompt_len: int, new: int, repeats: int) -> dict
 
 
 def per_token_by_position(cfg, positions: tuple[int, ...], repeats: int) -> dict[int, float]:
-    from xgen.generate import SamplingSettings
+    from xgen.generate import SamplingConfig
 
     engine = xgen_engine(cfg)
     rng = np.random.default_rng(1)
     out = {}
     for pos in positions:
         prompt = [list(rng.integers(0, 50000, pos))]
-        runs = {n: (lambda n=n: engine.generate(prompt, SamplingSettings(max_new_tokens=n))) for n in (1, 65)}
+        runs = {n: (lambda n=n: engine.generate(prompt, SamplingConfig(max_new_tokens=n))) for n in (1, 65)}
         for run in runs.values():
             run()  # compile
         # Same cache size for both: 1 + 64 new tokens round up to the same slots as 65.

@@ -158,7 +158,7 @@ def scaling(tokens: int, steps: int) -> list[dict]:
     for model in ("tiny", "small"):
         for seq in (2048, 4096, 8192):
             s = XGenStep(
-                f"model={model}", "model.attention=chunked", f"stage.seq_len={seq}", f"stage.batch_tokens={tokens}"
+                f"model={model}", "execution.attention=chunked", f"stage.seq_len={seq}", f"stage.batch_tokens={tokens}"
             )
             s.step()
             times = [s.step() for _ in range(steps)]
@@ -197,7 +197,7 @@ def main() -> None:
         write_section("train-scaling", f"""
 ### Training step time by sequence length and model size ({date}, 2 CPUs)
 
-`{command}` — {args.scaling_tokens:,} tokens per step at every length, `model.attention=chunked` (the dense kernel's 8K step does not fit this machine), median of 2 steps.
+`{command}` — {args.scaling_tokens:,} tokens per step at every length, `execution.attention=chunked` (the dense kernel's 8K step does not fit this machine), median of 2 steps.
 
 | model | batch | step |
 |---|---|---|

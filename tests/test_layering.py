@@ -12,7 +12,14 @@ import pytest
 XGEN = Path(__file__).resolve().parents[1] / "xgen"
 # Packages that inference, conversion and evaluation are built from: none may reach up into
 # the trainer (they read checkpoints through xgen.checkpoint, the loss through xgen.model).
-BELOW_TRAINING = ["generate", "hf", "eval", "sft", "model", "data", "tokenizer", "parallel", "serve"]
+BELOW_TRAINING = ["generate", "hf", "eval", "sft", "model", "data", "tokenizer", "parallel", "serve", "runtime.py", "checkpoint.py"]
+# What the runtime is built from may not import it (nor anything that uses it).
+BELOW_RUNTIME = ["model", "parallel", "data", "tokenizer", "checkpoint.py", "config"]
+
+
+def files_of(package: str) -> list[Path]:
+    path = XGEN / package
+    return [path] if path.is_file() else sorted(path.rglob("*.py"))
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -31,9 +38,21 @@ def imported_modules(path: Path) -> set[str]:
 def test_nothing_below_training_imports_the_trainer(package):
     offenders = {
         f"{path.relative_to(XGEN.parent)}: {name}"
-        for path in sorted((XGEN / package).rglob("*.py"))
+        for path in files_of(package)
         for name in imported_modules(path)
         if name == "xgen.train" or name.startswith("xgen.train.")
+    }
+    assert not offenders, sorted(offenders)
+
+
+@pytest.mark.parametrize("package", BELOW_RUNTIME)
+def test_the_runtimes_parts_do_not_import_it_or_its_users(package):
+    above = ("xgen.runtime", "xgen.train", "xgen.generate", "xgen.eval", "xgen.sft", "xgen.serve", "xgen.hf", "xgen.tasks")
+    offenders = {
+        f"{path.relative_to(XGEN.parent)}: {name}"
+        for path in files_of(package)
+        for name in imported_modules(path)
+        if any(name == a or name.startswith(a + ".") for a in above)
     }
     assert not offenders, sorted(offenders)
 

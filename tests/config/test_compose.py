@@ -74,9 +74,12 @@ def test_command_line_override_beats_a_stage_default():
         ("hardware.mesh.tensor=3", "hardware.mesh"),
         ("prompt=def main():", "'prompt=def main():'"),
         # Choice fields are enums: refused at composition, with the choices.
-        ("model.remat=everything", "expected one of [none, full, save_dots]"),
-        ("model.attention=flash", "expected one of [dense, xla, chunked]"),
+        ("execution.remat=everything", "expected one of [none, full, save_dots]"),
+        ("execution.attention=flash", "expected one of [dense, xla, chunked]"),
         ("trainer.spike.policy=ignore", "expected one of [log, skip, rollback]"),
+        ("execution.compute_dtype=int8", "expected one of [float32, bfloat16, float16]"),
+        ("optimizer.mu_dtype=half", "expected one of [float32, bfloat16, float16]"),
+        ("hardware.platform=npu", "expected one of [cpu, gpu, tpu]"),
     ],
 )
 def test_config_mistakes_fail_in_one_readable_line(override, needle, tmp_path):

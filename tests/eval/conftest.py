@@ -31,7 +31,9 @@ def tiny_engine(tiny_model):
     from xgen.tokenizer import Tokenizer
 
     cfg, _, params = tiny_model
-    return Engine(cfg, params, Tokenizer.xgen(), max_len=1024)
+    from xgen.runtime import Runtime
+
+    return Engine(Runtime.local(cfg), params, Tokenizer.xgen(), max_len=1024)
 
 
 @pytest.fixture(scope="session")

@@ -80,8 +80,7 @@ def test_truncation_keeps_the_end_the_start_or_both_ends():
 
 @pytest.mark.parametrize(
     "override,needle",
-    [("eval.truncation=top", "eval.truncation='top' is not one of left, right, middle"),
-     ("eval.limit=0", "eval.limit=0 must be positive"), ("eval.batch_size=0", "eval.batch_size=0 must be positive")],
+    [("eval.limit=0", "eval.limit=0 must be positive"), ("eval.batch_size=0", "eval.batch_size=0 must be positive")],
 )  # fmt: skip
 def test_eval_settings_are_checked_at_start_up(override, needle):
     from tests.conftest import compose_config
@@ -90,3 +89,13 @@ def test_eval_settings_are_checked_at_start_up(override, needle):
     validate(compose_config("task=eval", "eval=summarization"))
     with pytest.raises(ConfigError, match=needle):
         validate(compose_config("task=eval", "eval=summarization", override))
+
+
+def test_the_truncation_side_is_a_choice_hydra_checks_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config("task=eval", "eval=summarization", "eval.truncation=top")
+    assert "expected one of [left, right, middle]" in str(info.value.__cause__ or info.value)

@@ -354,7 +354,7 @@ def test_xgens_own_server_can_be_the_judge(tiny_engine, tmp_path):
     answer to the rendered judging prompt (a random model's verdict is unreadable, and says so)."""
     from xgen.config import ChatTemplateConfig
     from xgen.generate.chat import render_prompt, stop_strings
-    from xgen.generate.engine import SamplingSettings
+    from xgen.generate.engine import SamplingConfig
     from xgen.serve import XGenServer
 
     template = ChatTemplateConfig(system="")
@@ -367,7 +367,7 @@ def test_xgens_own_server_can_be_the_judge(tiny_engine, tmp_path):
     finally:
         server.close()
     prompt = tiny_engine.tokenizer.encode(render_prompt(template, messages))
-    settings = SamplingSettings(max_new_tokens=6, stop=tuple(stop_strings(template)))
+    settings = SamplingConfig(max_new_tokens=6, stop=tuple(stop_strings(template)))
     expected = tiny_engine.generate([prompt], settings)[0].text
     assert client.sent == 1 and reply.strip() == expected.strip()
     assert jp.parse_rating(reply) is None

@@ -28,6 +28,7 @@ from xgen.eval.mmlu import (
     read_split,
     subjects_in,
 )
+from xgen.runtime import Runtime
 from xgen.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def test_shots_are_dropped_one_by_one_until_the_prompt_fits_the_engine(tokenizer
     cfg, _, params = tiny
     lengths = [len(build_item(tokenizer, 10**6, "virology", DEV, TEST_Q, k).ids) for k in range(4)]
     assert lengths == sorted(lengths) and len(set(lengths)) == 4
-    engine = Engine(cfg, params, tokenizer, max_len=lengths[1] + 1)  # room for 1 shot
+    engine = Engine(Runtime.local(cfg), params, tokenizer, max_len=lengths[1] + 1)  # room for 1 shot
     item = build_item(tokenizer, engine.max_len, "virology", DEV, TEST_Q, 3)
     assert item.shots == 1 and len(item.ids) == lengths[1] <= engine.max_len
     item = build_item(tokenizer, lengths[0] - 5, "virology", DEV, TEST_Q, 3)  # not even 0 shots fit
@@ -109,7 +110,7 @@ def test_the_predicted_letter_is_the_argmax_of_the_models_own_letter_logits(toke
     root = write_mmlu(tmp_path / "mmlu", subjects=["astronomy"], n_dev=3, n_test=6)
     dev, test = read_split(root, "dev", "astronomy"), read_split(root, "test", "astronomy")
     items = [build_item(tokenizer, 1023, "astronomy", dev, q, 2 + i % 2) for i, q in enumerate(test)]
-    predictor = EnginePredictor(Engine(cfg, params, tokenizer, max_len=1024), batch_size=8)
+    predictor = EnginePredictor(Engine(Runtime.local(cfg), params, tokenizer, max_len=1024), batch_size=8)
     predicted, scored = predictor(items), predictor.letter_logprobs(items)
     letter_ids = [tokenizer.encode(" " + L)[0] for L in "ABCD"]
     for item, letter, lp in zip(items, predicted, scored):

@@ -11,7 +11,7 @@ from xgen.config import ChatTemplateConfig, ConfigError
 from xgen.eval import summarization as summ
 from xgen.eval.common import TRUNCATION_SIDES, ItemStore
 from xgen.eval.fixtures.summarization import write
-from xgen.generate.engine import Completion, SamplingSettings
+from xgen.generate.engine import Completion, SamplingConfig
 from xgen.tokenizer import Tokenizer
 
 DIALOGUE = "Project Manager: Shall we start?\nMarketing: Yes. Users want a fancy remote."
@@ -89,7 +89,7 @@ def test_results_are_stored_per_item_and_a_rerun_generates_nothing(tokenizer, sc
     write(tmp_path)
     items = {t: summ.read_task(tmp_path / "summarization", t) for t in ("ami", "forever_dreaming")}
     prompts = [summ.fit_prompt(tokenizer, ChatTemplateConfig(), d, 300, "middle") for ds in items.values() for d in ds]
-    base, path = SamplingSettings(max_new_tokens=16, stop=("<|endoftext|>",)), tmp_path / "partial.jsonl"
+    base, path = SamplingConfig(max_new_tokens=16, stop=("<|endoftext|>",)), tmp_path / "partial.jsonl"
     engine = FakeEngine(tokenizer)
     summ.generate_summaries(engine, prompts[:4], base, 3, ItemStore(path, {"k": 1}))
     assert [n for n, _ in engine.calls] == [3, 1] and len(path.read_text().splitlines()) == 4

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import compose_config
 from xgen import checkpoint
 from xgen.config import ConfigError
-from xgen.hf.convert import model_config_from_dict
 from xgen.model import XGenModel
+from xgen.runtime import model_config_from_meta
 from xgen.tasks import run_task
 from xgen.tokenizer import Tokenizer
 
@@ -42,7 +42,7 @@ def xgen_run(*overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def checkpoint_params(path: Path) -> tuple:
     """(ModelConfig, params as an nnx.State on the CPU) of a checkpoint's newest step."""
-    cfg = model_config_from_dict(checkpoint.read_meta(path)["config"]["model"])
+    cfg = model_config_from_meta(checkpoint.read_meta(path)["config"]["model"], str(path))
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = nnx.state(nnx.eval_shape(lambda: XGenModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)

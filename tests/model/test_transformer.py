@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xgen.config import ModelConfig
+from xgen.config import ExecutionConfig, ModelConfig
 from xgen.model import XGenModel, count_params
 from xgen.model.layers import apply_rope, rope_angles
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=128, max_positions=64)
 
 
-def make(cfg: ModelConfig = TINY, seed: int = 0) -> XGenModel:
-    return XGenModel(cfg, rngs=nnx.Rngs(seed))
+def make(cfg: ModelConfig = TINY, seed: int = 0, execution: ExecutionConfig = ExecutionConfig()) -> XGenModel:
+    return XGenModel(cfg, execution, rngs=nnx.Rngs(seed))
 
 
 def closed_form_params(c: ModelConfig) -> int:
@@ -116,12 +116,12 @@ def test_segment_ids_keep_attention_inside_each_document():
 def test_remat_policies_give_the_same_loss_and_gradients(policy):
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, TINY.vocab_size)
 
-    def loss_and_grads(cfg):
-        graphdef, params = nnx.split(make(cfg))
+    def loss_and_grads(execution):
+        graphdef, params = nnx.split(make(TINY, execution=execution))
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)  # noqa: E731
         return jax.value_and_grad(loss)(params)
 
-    (l0, g0), (l1, g1) = loss_and_grads(TINY), loss_and_grads(dataclasses.replace(TINY, remat=policy))
+    (l0, g0), (l1, g1) = loss_and_grads(ExecutionConfig()), loss_and_grads(ExecutionConfig(remat=policy))
     assert float(l0) == pytest.approx(float(l1), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -130,12 +130,11 @@ def test_remat_policies_give_the_same_loss_and_gradients(policy):
 @pytest.mark.parametrize("kernel", ["xla", "chunked"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_attention_kernels_match_dense_with_and_without_segments(kv_heads, kernel):
-    dense = dataclasses.replace(TINY, n_kv_heads=kv_heads, attention="dense")
-    other = dataclasses.replace(dense, attention=kernel, attention_chunk=4)
+    cfg = dataclasses.replace(TINY, n_kv_heads=kv_heads)
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, TINY.vocab_size)
     segments = jnp.array([[1] * 6 + [2] * 10, [1] * 16])
     positions = jnp.array([list(range(6)) + list(range(10)), list(range(16))])
-    a, b = make(dense), make(other)
+    a, b = make(cfg), make(cfg, execution=ExecutionConfig(attention=kernel, attention_chunk=4))
     np.testing.assert_allclose(np.asarray(a(tokens)), np.asarray(b(tokens)), atol=2e-5)
     np.testing.assert_allclose(
         np.asarray(a(tokens, positions, segments)), np.asarray(b(tokens, positions, segments)), atol=2e-5

@@ -29,9 +29,11 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def engine(tiny_model):
     from xgen.generate import Engine
+    from xgen.runtime import Runtime
     from xgen.tokenizer import Tokenizer
 
-    return Engine(*tiny_model, Tokenizer.xgen(), max_len=512)
+    cfg, params = tiny_model
+    return Engine(Runtime.local(cfg), params, Tokenizer.xgen(), max_len=512)
 
 
 # No system header: a chat prompt stays within one 16-token bucket.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.serve.conftest import Client
-from xgen.generate import Completion, SamplingSettings, Scored
+from xgen.generate import Completion, SamplingConfig, Scored
 from xgen.serve import Job, Row, XGenServer
 from xgen.tokenizer import Tokenizer
 
@@ -95,7 +95,7 @@ def test_an_engine_failure_is_a_500_and_the_server_keeps_serving(fake):
 def test_rows_that_do_not_fit_one_cache_together_run_apart(fake):
     engine, srv, client = fake
     # 40 + 4 and 3 + 30 each fit the cache of 64; in one batch (40 + 30) they would not.
-    jobs = [Job([Row([1] * 40, SamplingSettings(max_new_tokens=4))]), Job([Row([2] * 3, SamplingSettings(30))])]
+    jobs = [Job([Row([1] * 40, SamplingConfig(max_new_tokens=4))]), Job([Row([2] * 3, SamplingConfig(30))])]
     for job in jobs:
         srv.batcher.submit(job)
     for job in jobs:

@@ -8,14 +8,14 @@ import threading
 import pytest
 
 from tests.serve.conftest import TEMPLATE
-from xgen.generate import SamplingSettings
+from xgen.generate import SamplingConfig
 from xgen.generate.chat import render_prompt, stop_strings
 
 PROMPT = "The quick brown fox jumps over"
 
 
 def greedy(engine, prompts: list[list[int]], max_new: int, stop=()) -> list:
-    return engine.generate(prompts, SamplingSettings(max_new_tokens=max_new, temperature=0.0, stop=tuple(stop)))
+    return engine.generate(prompts, SamplingConfig(max_new_tokens=max_new, temperature=0.0, stop=tuple(stop)))
 
 
 def test_echo_logprobs_are_the_engines_scores_and_greedy_text_is_the_engines(client, engine):
@@ -166,7 +166,7 @@ def test_malformed_and_misrouted_requests_then_the_server_still_answers(client, 
 def test_concurrent_requests_share_a_batch(client, server, engine):
     prompts = ["One", "Two three", "Four five six", "Seven"]
     # Sampled, with different settings per row: each equals its own unbatched result.
-    settings = [SamplingSettings(5 + i, temperature=0.0 if i % 2 else 0.8, top_k=i * 10, seed=i) for i in range(4)]
+    settings = [SamplingConfig(5 + i, temperature=0.0 if i % 2 else 0.8, top_k=i * 10, seed=i) for i in range(4)]
     ids = [engine.tokenizer.encode(p) for p in prompts]
     expected = [c.text for c in engine.generate(ids, settings)]
     before = server.batcher.counters()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.serve.conftest import Client
-from xgen.generate import SamplingSettings
+from xgen.generate import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_serve_task_answers_and_stops_on_sigterm(tmp_path, tiny_model, engine):
         status, out = Client(url).post("/v1/completions", {"prompt": "Hello there", "max_tokens": 6, "temperature": 0})
         assert status == 200 and out["model"] == "tiny-hf"
         ids = engine.tokenizer.encode("Hello there")
-        assert out["choices"][0]["text"] == engine.generate([ids], SamplingSettings(max_new_tokens=6))[0].text
+        assert out["choices"][0]["text"] == engine.generate([ids], SamplingConfig(max_new_tokens=6))[0].text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

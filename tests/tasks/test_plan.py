@@ -41,7 +41,7 @@ def test_plan_compiles_for_a_tpu_v4_slice_and_reports_memory_and_flops(tmp_path)
 @needs_libtpu
 def test_plan_says_which_setting_to_change_when_it_does_not_fit(tmp_path):
     plan = plan_cli(tmp_path, "model=small", "stage=s1_2k", "hardware=tpu_v4_8")
-    assert not plan["fits"] and "model.remat=full" in plan["verdict"]
+    assert not plan["fits"] and "execution.remat=full" in plan["verdict"]
 
 
 def test_gpu_plan_is_the_analytic_estimate(tmp_path):
@@ -49,3 +49,28 @@ def test_gpu_plan_is_the_analytic_estimate(tmp_path):
     assert plan["method"].startswith("analytic")
     assert plan["params"] == 6_895_702_016 and plan["hbm_per_chip_bytes"] == 6_895_702_016 * 16
     assert not plan["fits"] and json.loads((tmp_path / "plan.json").read_text())["chips"] == 1
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_the_7b_generate_step_compiles_for_a_tpu_v4_8_and_reports_its_per_chip_memory():
+    """The Engine's decoding step, sharded by the runtime over a v4-8 (compiled in a child:
+    libtpu is loaded once per process), holds 1/8 of the float32 parameters and of 8 rows'
+    bf16 KV caches of 8,192 slots per chip."""
+    script = (
+        "import json, os\n"
+        "os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD'] = '1'\n"
+        "from tests.conftest import compose_config\n"
+        "from xgen.parallel import topology_devices\n"
+        "from xgen.runtime import Runtime\n"
+        "from xgen.tasks.plan import _generate_plan\n"
+        "cfg = compose_config('model=xgen_7b', 'hardware=tpu_v4_8', 'serve.max_batch=8')\n"
+        "print(json.dumps(_generate_plan(cfg, Runtime.of(cfg, devices=topology_devices(cfg.hardware)))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    g = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert g["batch"] == 8 and g["slots"] == 8192 and g["kv_cache_dtype"] == "bfloat16"
+    params_per_chip = 6_895_702_016 * 4 / 8
+    caches_per_chip = 8 * 32 * 2 * 4096 * 8192 * 2 / 8  # rows x layers x (k, v) x kv width x slots x bf16
+    assert params_per_chip + caches_per_chip <= g["hbm_per_chip_bytes"] < 32 * 2**30

@@ -33,7 +33,7 @@ def run_cli(run_dir, *overrides):
 def test_pretrain_all_chains_the_stages_and_resumes_at_the_right_one(synthetic_data, tmp_path):
     overrides = [
         "task=pretrain_all", "data_mix=synthetic", f"data_dir={synthetic_data}", "model=tiny",
-        "model.attention=chunked", "stage.batch_tokens=8192", f"trainer.steps={STEPS}", "trainer.log_every=1",
+        "execution.attention=chunked", "stage.batch_tokens=8192", f"trainer.steps={STEPS}", "trainer.log_every=1",
         "optimizer.warmup_steps=1",
     ]  # fmt: skip
     run_cli(tmp_path, *overrides)

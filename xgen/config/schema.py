@@ -34,6 +34,38 @@ class SpikePolicy(StrEnum):
     rollback = "rollback"
 
 
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Platform(StrEnum):
+    cpu = "cpu"
+    gpu = "gpu"
+    tpu = "tpu"
+
+
+class Truncation(StrEnum):
+    left = "left"  # keep the end
+    right = "right"  # keep the start
+    middle = "middle"  # keep both ends
+
+
+class Packing(StrEnum):
+    pack = "pack"
+    pad = "pad"
+
+
+class SFTFormat(StrEnum):
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+    oasst = "oasst"
+    dolly = "dolly"
+    baize = "baize"
+    scrolls = "scrolls"
+
+
 @dataclass
 class TaskConfig:
     """Which job `xgen.run` dispatches to (`xgen/tasks/<name>.py`)."""
@@ -60,6 +92,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+
+
+@dataclass
+class ExecutionConfig:
+    """How a model runs, apart from what it is (group `execution/`, home: `xgen.runtime`).
+
+    Every command sets it (training, generation, evaluation, plan); checkpoints do not store
+    it, so `task=eval execution.attention=chunked` runs a dense-trained model chunked."""
+
+    name: str = "default"
     # Rematerialization of each block in the backward pass (memory for compute):
     # none | full (keep only block inputs) | save_dots (keep matmul outputs without batch dims).
     remat: Remat = Remat.none
@@ -68,6 +110,10 @@ class ModelConfig:
     # the backward pass: for long sequences without a fused kernel). See xgen/model/attention.py.
     attention: AttentionKernel = AttentionKernel.dense
     attention_chunk: int = 1024
+    # dtype of matmul inputs (parameters stay float32); null: the hardware's, hardware.compute_dtype.
+    compute_dtype: Optional[DType] = None
+    # dtype of generation's KV caches; null: the compute dtype (half a float32 cache in bf16).
+    kv_cache_dtype: Optional[DType] = None
 
 
 @dataclass
@@ -175,7 +221,7 @@ class OptimizerConfig:
     # The learning rate decays to this fraction of the peak.
     min_lr_ratio: float = 0.1
     # dtype of Adam's first moment (bfloat16 halves its memory); the second stays float32.
-    mu_dtype: str = "float32"
+    mu_dtype: DType = DType.float32
 
 
 # Logical axis -> mesh axes (MaxText style). A mesh axis is used at most once per array:
@@ -207,7 +253,7 @@ class HardwareConfig:
     """The machine: devices, mesh, precision and the figures MFU and carbon need."""
 
     name: str = MISSING
-    platform: str = MISSING  # cpu | gpu | tpu
+    platform: Platform = MISSING
     device_kind: str = MISSING  # e.g. "TPU v4", "H100"
     num_devices: int = MISSING  # chips in the whole job
     # Cloud TPU accelerator type for launchers (counts TensorCores: v4-1024 is 512 chips).
@@ -224,7 +270,8 @@ class HardwareConfig:
     process_id: Optional[int] = None
     # Logical axis name -> mesh axes; the one table that decides all placement.
     logical_axis_rules: list[Any] = field(default_factory=lambda: [list(r) for r in DEFAULT_AXIS_RULES])
-    compute_dtype: str = "float32"  # dtype of matmul inputs; parameters stay float32
+    # The chip's matmul dtype: what `execution.compute_dtype` is unless a command sets it.
+    compute_dtype: DType = DType.float32
     # TPU slices: the topology that `task=plan` compiles for ahead of time (libtpu's names).
     tpu_topology: Optional[str] = None  # e.g. "v4:8x8x8"
     tpu_chip_config: str = "megacore"
@@ -322,7 +369,7 @@ class SFTSourceConfig:
     # (the highest-ranked path of each message tree: the trees export, or message rows as on
     # Hugging Face, linked by parent_id) | dolly (instruction/context/response) |
     # baize ([|Human|]/[|AI|] dialogues) | scrolls (input/output long-document tasks)
-    format: str = MISSING
+    format: SFTFormat = MISSING
     paths: list[str] = field(default_factory=list)  # files or globs: .json, .jsonl(.gz), .parquet
     # Keep only conversations of at least this many tokens (SCROLLS: 4,000 in the report).
     min_tokens: int = 0
@@ -338,7 +385,7 @@ class SFTConfig:
     sources: dict[str, SFTSourceConfig] = field(default_factory=dict)
     # pack: several conversations per sequence, attention kept inside each (segment ids and
     # positions); pad: one conversation per sequence.
-    packing: str = "pack"
+    packing: Packing = Packing.pack
     # Prepend `chat_template.system` to conversations that bring no system message.
     system_header: bool = True
     epochs: float = 3.0
@@ -401,7 +448,7 @@ class EvalConfig:
     # Longest input in tokens (None: what the model's context leaves after max_new_tokens) and
     # which side of a longer input is dropped: left (keep the end) | right | middle.
     max_input_tokens: Optional[int] = None
-    truncation: str = "left"
+    truncation: Truncation = Truncation.left
     # ppl_by_position: checkpoints to compare (empty: `checkpoint`), documents of at least
     # min_tokens tokens, scored over their first min_tokens positions.
     checkpoints: list[str] = field(default_factory=list)
@@ -457,8 +504,8 @@ class ChatTemplateConfig:
 
 
 @dataclass
-class GenerateConfig:
-    """Sampler settings for `task=generate|chat|serve` (home: `xgen.generate`)."""
+class SamplingConfig:
+    """One request's sampler settings: what the Engine takes per prompt (home: `xgen.generate`)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
@@ -466,6 +513,12 @@ class GenerateConfig:
     top_p: float = 1.0  # 1: off
     stop: list[str] = field(default_factory=list)  # strings that end a completion (not included)
     seed: int = 0
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    """`task=generate|chat|serve`: the sampler settings of every request, and the cache size."""
+
     # Longest prompt + completion the KV cache holds; None: the model's max_positions.
     max_len: Optional[int] = None
 
@@ -489,6 +542,7 @@ class XGenConfig:
 
     task: TaskConfig = MISSING
     model: ModelConfig = MISSING
+    execution: ExecutionConfig = MISSING
     tokenizer: TokenizerConfig = MISSING
     data_mix: DataMixConfig = MISSING
     stage: StageConfig = MISSING

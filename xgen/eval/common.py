@@ -8,6 +8,7 @@ A benchmark module exposes `run_benchmark(cfg, run_dir) -> dict`: it reads its d
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import json
@@ -169,7 +170,9 @@ def model_label(cfg) -> str:
 def write_result(run_dir: Path, cfg, result: dict, table: str) -> dict:
     """`<eval.name>.json` (the result plus which benchmark, kind and checkpoint) and
     `<eval.name>.md`, and the table on stdout."""
-    result = {"benchmark": cfg.eval.name, "kind": cfg.eval.kind, "checkpoint": str(cfg.checkpoint), **result}
+    # How the numbers were computed (kernel, dtypes), beside which model: execution is the command's.
+    execution = dataclasses.asdict(cfg.execution)
+    result = {"benchmark": cfg.eval.name, "kind": cfg.eval.kind, "checkpoint": str(cfg.checkpoint), "execution": execution, **result}
     (run_dir / f"{cfg.eval.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (run_dir / f"{cfg.eval.name}.md").write_text(table)
     print(table, flush=True)

@@ -131,9 +131,9 @@ class EngineCompleter:
         return ids
 
     def settings_for(self, request: Request):
-        from xgen.generate.engine import SamplingSettings
+        from xgen.generate.engine import SamplingConfig
 
-        return SamplingSettings(
+        return SamplingConfig(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,

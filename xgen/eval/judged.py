@@ -150,7 +150,7 @@ class Answerer:
 
     def __init__(self, engine, cfg):
         from xgen.generate.chat import stop_strings
-        from xgen.generate.engine import SamplingSettings
+        from xgen.generate.engine import SamplingConfig
 
         ev = cfg.eval
         check_truncation(ev.truncation)  # before the model loads
@@ -158,7 +158,7 @@ class Answerer:
         self.budget = input_budget(engine.max_len, cfg.eval.max_new_tokens, cfg.eval.max_input_tokens)
         self.side = ev.truncation
         stop = tuple(dict.fromkeys([*stop_strings(cfg.chat_template), *ev.stop]))
-        self.settings = SamplingSettings(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+        self.settings = SamplingConfig(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                          top_p=ev.top_p, stop=stop)  # fmt: skip
 
     def ids(self, prompt: Prompt, text: str) -> list[int]:

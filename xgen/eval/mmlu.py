@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from xgen.config import ConfigError
-from xgen.eval.common import ItemStore, Progress, model_label, write_result
+from xgen.eval.common import ItemStore, Progress, markdown, model_label, write_result
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def markdown_table(result: dict, model: str = "model") -> str:
     cats = result["categories"]
     cells = [f"{100 * cats[c]['accuracy']:.1f}" if c in cats else "-" for c, _ in TABLE_COLUMNS]
     head = ["Models", *(title for _, title in TABLE_COLUMNS), "Weighted average"]
-    rows = [head, ["---"] * len(head), [model, *cells, f"{100 * result['average']:.1f}"]]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    rows = [head, [model, *cells, f"{100 * result['average']:.1f}"]]
+    return markdown(rows)
 
 
 def run_benchmark(cfg, run_dir: Path) -> dict:

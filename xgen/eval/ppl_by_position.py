@@ -202,6 +202,7 @@ def load_checkpoint_engine(cfg, checkpoint: str, min_tokens: int):
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=ppl_by_position [eval.checkpoints=[a,b,c]]`: ppl_by_position.json/.md/.png."""
     from xgen.eval.common import ItemStore, Progress, write_result
+    from xgen.runtime import compute_dtype_name
     from xgen.tokenizer import Tokenizer
 
     ev = cfg.eval
@@ -216,7 +217,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     # Data before any model loads: a missing or malformed file fails fast.
     docs, counts = read_documents(ev.data_path, Tokenizer.from_name(cfg.tokenizer.name), ev.min_tokens, ev.limit)
     settings = {"min_tokens": ev.min_tokens, "data_path": str(ev.data_path), "tokenizer": cfg.tokenizer.name,
-                "compute_dtype": cfg.hardware.compute_dtype}  # fmt: skip
+                "compute_dtype": compute_dtype_name(cfg.execution, cfg.hardware)}  # fmt: skip
     store = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings)
     todo = {p: sum(f"{p}::{d.id}" not in store for d in docs) for p in checkpoints}
     progress = Progress(f"{WHAT} (documents x checkpoints)", sum(todo.values()))

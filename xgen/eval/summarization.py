@@ -208,7 +208,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=summarization`: summarization.json/.md and the generated summaries in
     summarization_outputs.jsonl, resumable per (task, id)."""
     from xgen.generate.chat import stop_strings
-    from xgen.generate.engine import SamplingSettings
+    from xgen.generate.engine import SamplingConfig
     from xgen.generate.load import load_engine
 
     ev = cfg.eval
@@ -218,7 +218,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     engine = load_engine(cfg)
     budget = input_budget(engine.max_len, ev.max_new_tokens, ev.max_input_tokens)
     prompts = [fit_prompt(engine.tokenizer, cfg.chat_template, d, budget, ev.truncation) for ds in items.values() for d in ds]
-    base = SamplingSettings(
+    base = SamplingConfig(
         max_new_tokens=ev.max_new_tokens,
         temperature=ev.temperature,
         top_p=ev.top_p,

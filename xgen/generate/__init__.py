@@ -1,5 +1,5 @@
 """Generation: a KV-cached, batched sampler (`Engine`), the chat format, and model loading."""
 
-from xgen.generate.engine import Completion, Engine, SamplingSettings, Scored, settings_from_config
+from xgen.generate.engine import Completion, Engine, SamplingConfig, Scored, settings_from_config
 
-__all__ = ["Completion", "Engine", "SamplingSettings", "Scored", "settings_from_config"]
+__all__ = ["Completion", "Engine", "SamplingConfig", "Scored", "settings_from_config"]

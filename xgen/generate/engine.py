@@ -19,26 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xgen.config import ModelConfig
-from xgen.generate.sampling import next_tokens
+from xgen.config import SamplingConfig
+from xgen.generate.sampling import N_TOP_LOGPROBS, next_tokens
 from xgen.model.transformer import KVCache, XGenModel, write_cache
+from xgen.runtime import Runtime
 from xgen.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 16  # prompts pad to a multiple of this (fewer compilations)
 SLOT_BUCKET = 128  # cache lengths round up to a multiple of this
-MAX_TOP_LOGPROBS = 5  # alternatives per token that score() can return (OpenAI's limit)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """One request's sampler settings (`generate.*` in the config)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    stop: tuple[str, ...] = ()
-    seed: int = 0
 
 
 @dataclass
@@ -143,31 +131,23 @@ class Engine:
     """A loaded model that completes and scores token sequences (thread-compatible: callers
     serialize calls, as the server's batcher does)."""
 
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        params: nnx.State,
-        tokenizer: Tokenizer,
-        *,
-        max_len: int | None = None,
-        dtype=jnp.float32,
-        constrain=None,
-    ):
+    def __init__(self, runtime: Runtime, params: nnx.State, tokenizer: Tokenizer, *, max_len: int | None = None):
+        """`params` placed as `runtime.abstract_params` says (sharded on its mesh, or not)."""
+        model_cfg = runtime.model
+        self.runtime = runtime
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.max_len = min(max_len or model_cfg.max_positions, model_cfg.max_positions)
-        kw = {} if constrain is None else {"constrain": constrain}
-        abstract = nnx.eval_shape(lambda: XGenModel(model_cfg, dtype=dtype, rngs=nnx.Rngs(0), **kw))
-        self.graphdef = nnx.graphdef(abstract)
+        self.graphdef = runtime.graphdef
         self.params = params
-        self.head_dim = model_cfg.d_model // model_cfg.n_heads
-        self.n_kv = model_cfg.n_kv_heads or model_cfg.n_heads
         self.vocab_limit = min(tokenizer.n_tokens, model_cfg.vocab_size)
+        self.row_multiple = runtime.batch_shards  # batches pad to whole rows per batch shard
+        caches = [(k.sharding, v.sharding) for k, v in runtime.kv_cache_shapes(1, 1)]
         # One function, two compiled programs: the prompt's shape, and one token's (which
         # serves every position, since the cache never changes shape).
         self._prefill = jax.jit(self._step_fn)
         self._decode = jax.jit(self._step_fn)
-        self._write = jax.jit(write_cache, donate_argnums=0)
+        self._write = jax.jit(write_cache, donate_argnums=0, out_shardings=caches)
         self._score = jax.jit(self._score_fn, static_argnames="top")
         self._next = jax.jit(self._next_fn)
         self._tail = jax.jit(self._tail_fn)
@@ -176,6 +156,11 @@ class Engine:
 
     def _model(self, params) -> XGenModel:
         return nnx.merge(self.graphdef, params)
+
+    def _logits(self, model: XGenModel, hidden: jax.Array) -> jax.Array:
+        """Logits with the ids the tokenizer cannot produce (the embedding's padding rows) at -inf."""
+        logits = model.logits(hidden)
+        return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
 
     def _run(self, params, tokens, positions, index, caches, pad_start):
         """New tokens (at slots index..index+t-1) see earlier slots and each other back to
@@ -189,9 +174,7 @@ class Engine:
         layer_caches = [KVCache(k, v, allowed_cached, allowed_new) for k, v in caches]
         model = self._model(params)
         h, new_kv = model.decode(tokens, positions, layer_caches)
-        logits = model.logits(h[:, -1:])[:, 0]
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        return logits, new_kv
+        return self._logits(model, h[:, -1:])[:, 0], new_kv
 
     def _step_fn(self, params, tokens, positions, pad_start, caches, sampling, index):
         """Prefill (index 0, the whole prompt) or one decoding step: sampled next tokens and
@@ -203,9 +186,8 @@ class Engine:
         """Each next token's log-prob, the argmax (greedy) token, and with `top` > 0 the `top`
         best alternatives (a top-k over the vocabulary at every position costs more than
         the argmax: only requests that ask for alternatives pay for it)."""
-        logits = self._model(params)(tokens)
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        model = self._model(params)
+        logprobs = jax.nn.log_softmax(self._logits(model, model.hidden(tokens)[:, :-1]), axis=-1)
         chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
         greedy = jnp.argmax(logprobs, axis=-1)
         top_lp, top_ids = jax.lax.top_k(logprobs, top) if top else (None, None)
@@ -216,9 +198,7 @@ class Engine:
         position per row, not the whole sequence."""
         model = self._model(params)
         h = jnp.take_along_axis(model.hidden(tokens), last[:, None, None], axis=1)
-        logits = model.logits(h)[:, 0]
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        return jax.nn.log_softmax(logits, axis=-1)[:, token_ids]
+        return jax.nn.log_softmax(self._logits(model, h)[:, 0], axis=-1)[:, token_ids]
 
     def _tail_fn(self, params, tokens, last):
         """Log-prob and argmax of each of the `k` tokens ending at position `last` of each row
@@ -227,32 +207,42 @@ class Engine:
         model = self._model(params)
         hidden_at = jnp.maximum(last - 1, 0)  # the state that predicts each scored token
         h = jnp.take_along_axis(model.hidden(tokens), hidden_at[..., None], axis=1)
-        logits = model.logits(h)
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        logprobs = jax.nn.log_softmax(self._logits(model, h), axis=-1)
         targets = jnp.take_along_axis(tokens, last, axis=1)
         return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], jnp.argmax(logprobs, axis=-1)
 
-    def _empty_caches(self, batch: int, slots: int):
-        k_shape = (batch, self.n_kv, self.head_dim, slots)  # keys transposed (see KVCache)
-        v_shape = (batch, self.n_kv, slots, self.head_dim)
-        return [(jnp.zeros(k_shape, jnp.float32), jnp.zeros(v_shape, jnp.float32)) for _ in range(self.model_cfg.n_layers)]
+    def compile_decode(self, batch: int, slots: int):
+        """One decoding step for `batch` rows and `slots` cache slots, compiled ahead of time
+        against the runtime's abstract parameters and caches (nothing is allocated): what
+        `task=plan` measures for a slice that is not here."""
+        rows = _round_up(batch, self.row_multiple)
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        sampling = (
+            jax.ShapeDtypeStruct((rows,), jnp.uint32), i32(), jax.ShapeDtypeStruct((rows,), jnp.float32),
+            i32(rows), jax.ShapeDtypeStruct((rows,), jnp.float32),
+        )  # fmt: skip
+        caches = self.runtime.kv_cache_shapes(rows, slots)
+        return self._decode.lower(self.params, i32(rows, 1), i32(rows, 1), i32(rows), caches, sampling, i32()).compile()
+
+    def _pad_rows(self, rows: list) -> list:
+        """`rows` repeated at the end up to a multiple of the batch shards (results dropped)."""
+        return list(rows) + [rows[-1]] * (_round_up(len(rows), self.row_multiple) - len(rows))
 
     # ---- host API ---------------------------------------------------------------------
 
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        settings: SamplingSettings | Sequence[SamplingSettings] = SamplingSettings(),
+        settings: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
         on_text: Callable[[int, str], None] | None = None,
         logprobs: int = 0,
     ) -> list[Completion]:
         """Complete every prompt (token ids). `on_text(row, text)` streams each row's text as
         it becomes final; `logprobs` > 0 also returns that many alternatives per token."""
-        if isinstance(settings, SamplingSettings):
+        if isinstance(settings, SamplingConfig):
             settings = [settings] * len(prompts)
         if len(settings) != len(prompts) or not prompts:
-            raise ValueError("generate needs one SamplingSettings per prompt and at least one prompt")
+            raise ValueError("generate needs one SamplingConfig per prompt and at least one prompt")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("a prompt is empty: give at least one token (e.g. <|endoftext|>)")
         longest = max(len(p) for p in prompts)
@@ -261,6 +251,8 @@ class Engine:
             raise ValueError(
                 f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the model's {self.max_len}"
             )
+        n_real = len(prompts)
+        prompts, settings = self._pad_rows(list(prompts)), self._pad_rows(list(settings))
         b = len(prompts)
         p_len = min(_round_up(longest, PROMPT_BUCKET), self.max_len - max_new)
         slots = min(_round_up(p_len + max_new, SLOT_BUCKET), self.max_len)
@@ -278,7 +270,7 @@ class Engine:
         out = [Completion(prompt_tokens=list(p)) for p in prompts]
         rows = [_RowText(self.tokenizer, s.stop) for s in settings]
         done = np.zeros(b, bool)
-        caches = self._empty_caches(b, slots)
+        caches = self.runtime.kv_caches(b, slots)
         (ids, lp, top_ids, top_lp), new_kv = self._prefill(
             self.params, tokens, positions, pad_start, caches, sampling(0), np.int32(0)
         )
@@ -302,7 +294,7 @@ class Engine:
                     done[r], out[r].finish_reason = True, "stop"
                 elif len(rows[r].ids) >= settings[r].max_new_tokens:
                     done[r] = True
-                if on_text and delta:
+                if on_text and delta and r < n_real:
                     on_text(r, delta)
             if done.all() or step == max_new - 1:
                 break
@@ -317,6 +309,7 @@ class Engine:
                 np.int32(index),
             )
             caches = self._write(caches, new_kv, np.int32(index))
+        out = out[:n_real]
         for r, c in enumerate(out):
             rest = rows[r].flush()
             if on_text and rest:
@@ -330,7 +323,7 @@ class Engine:
     def score(self, sequences: Sequence[Sequence[int]], top_logprobs: int = 0) -> list[Scored]:
         """log P(token_i | tokens_<i) for every token of every sequence (one forward pass;
         what lm-evaluation-harness's log-likelihood requests need)."""
-        top = MAX_TOP_LOGPROBS if top_logprobs else 0  # one compiled program for any 1..5
+        top = N_TOP_LOGPROBS if top_logprobs else 0  # one compiled program for any 1..5
         chosen, greedy, top_ids, top_lp = jax.device_get(self._score(self.params, self._right_padded(sequences), top=top))
         result = []
         for i, s in enumerate(sequences):
@@ -349,8 +342,9 @@ class Engine:
         prompt, in one forward pass (multiple choice with one-token answers, like MMLU's
         letters: one sequence per question instead of one per choice)."""
         tokens = self._right_padded(prompts)
-        last = np.array([len(p) - 1 for p in prompts], np.int32)
-        return np.asarray(jax.device_get(self._next(self.params, tokens, last, np.asarray(token_ids, np.int32))))
+        last = np.array([len(p) - 1 for p in self._pad_rows(list(prompts))], np.int32)
+        out = self._next(self.params, tokens, last, np.asarray(token_ids, np.int32))
+        return np.asarray(jax.device_get(out))[: len(prompts)]
 
     def score_tails(
         self, sequences: Sequence[Sequence[int]], counts: Sequence[int], width: int | None = None
@@ -363,7 +357,7 @@ class Engine:
             raise ValueError("score_tails needs, per sequence, a count from 1 to its length - 1")
         tokens = self._right_padded(sequences, width)
         k = _round_up(max(counts), 8)  # few distinct shapes
-        ends = np.array([len(s) - 1 for s in sequences], np.int32)
+        ends = np.array([len(s) - 1 for s in self._pad_rows(list(sequences))], np.int32)
         last = np.maximum(ends[:, None] - np.arange(k - 1, -1, -1)[None, :], 0).astype(np.int32)
         chosen, greedy = jax.device_get(self._tail(self.params, tokens, last))
         return [([float(x) for x in chosen[i, k - n :]], [int(x) for x in greedy[i, k - n :]]) for i, n in enumerate(counts)]
@@ -377,20 +371,13 @@ class Engine:
         if longest > self.max_len:
             raise ValueError(f"a sequence of {longest} tokens exceeds the model's {self.max_len}")
         width = max(width or 0, min(_round_up(longest, PROMPT_BUCKET), self.max_len))
-        tokens = np.zeros((len(sequences), min(width, self.max_len)), np.int32)
+        tokens = np.zeros((_round_up(len(sequences), self.row_multiple), min(width, self.max_len)), np.int32)
         for i, s in enumerate(sequences):
             tokens[i, : len(s)] = s
         return tokens
 
 
-def settings_from_config(gen, **overrides) -> SamplingSettings:
-    """`generate.*` of the config as SamplingSettings."""
-    base = SamplingSettings(
-        max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
-        stop=tuple(gen.stop),
-        seed=gen.seed,
-    )
-    return dataclasses.replace(base, **overrides)
+def settings_from_config(gen: SamplingConfig, **overrides) -> SamplingConfig:
+    """The sampler fields of `generate.*` (without the cache size), with `overrides`."""
+    fields = {f.name: getattr(gen, f.name) for f in dataclasses.fields(SamplingConfig)}
+    return dataclasses.replace(SamplingConfig(**fields), **overrides)

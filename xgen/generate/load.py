@@ -1,19 +1,17 @@
 """Load a model for inference from `checkpoint=`: an xgen run or checkpoint directory, or a
-Hugging Face LLaMA directory (anything with a config.json), placed on the hardware's mesh."""
+Hugging Face LLaMA directory (anything with a config.json), placed on the hardware's mesh
+and run with the command's `execution` settings (never the ones it was trained with)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from xgen.config import ConfigError, ModelConfig, XGenConfig
 from xgen.generate.engine import Engine
-from xgen.model.transformer import XGenModel
-from xgen.parallel.mesh import axis_rules, make_mesh, state_shardings
+from xgen.runtime import Runtime, model_config_from_meta
 from xgen.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,45 +24,33 @@ def model_config_of(path: str | Path) -> ModelConfig:
     fields = checkpoint.read_meta(path).get("config", {}).get("model")
     if not fields:
         raise ConfigError(f"checkpoint={path}: its metadata names no model config")
-    return ModelConfig(**fields)
+    return model_config_from_meta(fields, f"checkpoint={path}")
 
 
-def load_params(cfg: XGenConfig) -> tuple[ModelConfig, nnx.State]:
-    """(model config, parameters placed on `hardware`'s mesh by the axis rules)."""
+def load_params(cfg: XGenConfig) -> tuple[Runtime, nnx.State]:
+    """(runtime of the checkpoint's architecture on `hardware`, its parameters on their shards)."""
     if cfg.checkpoint is None:
         raise ConfigError(f"task={cfg.task.name} needs checkpoint=<run dir, checkpoint dir or Hugging Face dir>")
     path = Path(cfg.checkpoint)
     if not path.exists():
         raise ConfigError(f"checkpoint={path}: no such directory")
-    is_hf = (path / "config.json").is_file()
-    if is_hf:
+    if (path / "config.json").is_file():
         from xgen import hf
 
         model_cfg, pure = hf.load(path)
+        runtime = Runtime.of(cfg, model=model_cfg)
+        params = runtime.place_params(pure)
     else:
-        model_cfg = model_config_of(path)
-    mesh = make_mesh(cfg.hardware)
-    abstract = nnx.state(nnx.eval_shape(lambda: XGenModel(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    shardings = state_shardings(abstract, mesh, axis_rules(cfg.hardware))
-    if is_hf:
-        abstract.replace_by_pure_dict(pure)
-        params = jax.device_put(abstract, shardings)
-    else:
-        from xgen import checkpoint
-
-        placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        params = checkpoint.restore_params(path, placed)
-    log.info("loaded %s (%s) from %s", model_cfg.name, "Hugging Face" if is_hf else "xgen checkpoint", path)
-    return model_cfg, params
+        runtime = Runtime.of(cfg, model=model_config_of(path))
+        params = runtime.restore_params(path)
+    log.info(
+        "loaded %s from %s | mesh %s | attention %s, %s matmuls, %s KV cache",
+        runtime.model.name, path, dict(runtime.mesh.shape), runtime.execution.attention, runtime.dtype, runtime.kv_dtype,
+    )  # fmt: skip
+    return runtime, params
 
 
 def load_engine(cfg: XGenConfig) -> Engine:
     """An Engine for `cfg.checkpoint` with `cfg.tokenizer`, on `cfg.hardware`."""
-    model_cfg, params = load_params(cfg)
-    return Engine(
-        model_cfg,
-        params,
-        Tokenizer.from_name(cfg.tokenizer.name),
-        max_len=cfg.generate.max_len,
-        dtype=jnp.dtype(cfg.hardware.compute_dtype),
-    )
+    runtime, params = load_params(cfg)
+    return Engine(runtime, params, Tokenizer.from_name(cfg.tokenizer.name), max_len=cfg.generate.max_len)

@@ -8,7 +8,6 @@ need no permutation. Everything here is pure Python and numpy, shared by export 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -180,12 +179,6 @@ def model_config(config: dict, name: str, where: str) -> ModelConfig:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=float(config.get("initializer_range", 0.02)),
     )
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """A ModelConfig from a checkpoint's meta (unknown keys from other versions dropped)."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in known})
 
 
 def model_overrides(cfg: ModelConfig) -> list[str]:

@@ -213,11 +213,9 @@ def load(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
 
 def _abstract_params(cfg: ModelConfig) -> Any:
     """The model's parameters as an `nnx.State` of shapes, with no memory allocated."""
-    from flax import nnx
+    from xgen.runtime import Runtime
 
-    from xgen.model import XGenModel
-
-    return nnx.state(nnx.eval_shape(lambda: XGenModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    return Runtime.local(cfg).param_shapes
 
 
 def _storage_keys(abstract: Any) -> dict[XPath, tuple]:
@@ -241,11 +239,11 @@ def export_checkpoint(
     import jax
 
     from xgen import checkpoint as ckpt
-    from xgen.hf.convert import model_config_from_dict
+    from xgen.runtime import model_config_from_meta
 
     meta = ckpt.read_meta(checkpoint)
     try:
-        cfg = model_config_from_dict(meta["config"]["model"])
+        cfg = model_config_from_meta(meta["config"]["model"], f"checkpoint={checkpoint}")
     except (KeyError, TypeError) as ex:
         raise ConfigError(f"checkpoint={checkpoint}: its metadata has no model config ({ex})") from None
     out = prepare_out_dir(out_dir)

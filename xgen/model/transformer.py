@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from xgen.config import ModelConfig
+from xgen.config import ExecutionConfig, ModelConfig
 from xgen.model.attention import cached_attention, causal_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, apply_rope, logical_param, no_constraint, rope_angles
 
@@ -51,12 +51,12 @@ def write_cache(caches: list[tuple[jax.Array, jax.Array]], new: list[NewKV], ind
 class Attention(nnx.Module):
     """Causal multi-head (or grouped-query) self-attention with rotary positions."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.theta = cfg.rope_theta
-        self.kernel, self.chunk = cfg.attention, cfg.attention_chunk
+        self.kernel, self.chunk = execution.attention, execution.attention_chunk
         self.dtype = dtype
         self.constrain = constrain
         kw = dict(std=cfg.init_std, dtype=dtype, rngs=rngs)
@@ -109,9 +109,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """x + attn(norm(x)), then + mlp(norm(x)): sequential, pre-norm."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, dtype, constrain: Constrain, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
-        self.attn = Attention(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
+        self.attn = Attention(cfg, execution, dtype=dtype, constrain=constrain, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg, dtype=dtype, constrain=constrain, rngs=rngs)
         self.constrain = constrain
@@ -143,11 +143,15 @@ def _run_block(block: Block, x: jax.Array, positions: jax.Array, segment_ids: ja
 
 
 class XGenModel(nnx.Module):
-    """tokens [batch, length] -> float32 logits [batch, length, vocab]."""
+    """tokens [batch, length] -> float32 logits [batch, length, vocab].
+
+    `cfg` is what the model is (what checkpoints store); `execution` how it runs (kernels and
+    recomputation, never stored), and `dtype` the matmul inputs' dtype."""
 
     def __init__(
         self,
         cfg: ModelConfig,
+        execution: ExecutionConfig = ExecutionConfig(),
         *,
         dtype=jnp.float32,
         constrain: Constrain = no_constraint,
@@ -156,7 +160,7 @@ class XGenModel(nnx.Module):
         self.constrain = constrain
         embed = cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
         self.embed_tokens = logical_param(embed, ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, dtype=dtype, constrain=constrain, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, execution, dtype=dtype, constrain=constrain, rngs=rngs) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
         self.lm_head = (
             None
@@ -164,11 +168,10 @@ class XGenModel(nnx.Module):
             else Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, rngs=rngs)
         )
         self.dtype = dtype
-        if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={cfg.remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
-        self.run_block = (
-            _run_block if cfg.remat == "none" else nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])
-        )
+        remat = execution.remat
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"execution.remat={remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+        self.run_block = _run_block if remat == "none" else nnx.remat(_run_block, policy=REMAT_POLICIES[remat])
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None

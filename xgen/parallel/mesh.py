@@ -72,24 +72,17 @@ def axis_rules(hw: HardwareConfig) -> Rules:
 
 def logical_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> NamedSharding:
     """The NamedSharding for an array whose axes have these logical names."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
-
-
-def _constrain(x: jax.Array, names: Sequence[str | None], *, mesh: Mesh, rules: Rules) -> jax.Array:
-    return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, rules, names))
+    return nn.logical_to_mesh_sharding(PartitionSpec(*names), mesh, rules)
 
 
 def activation_constraint(mesh: Mesh, rules: Rules) -> Constrain:
-    """What the model calls on its main activations; nothing to do on one device."""
+    """What the model calls on its main activations (flax's logical constraint over this
+    mesh and table); nothing to do on one device."""
     if mesh.size == 1:
         return no_constraint
-    return partial(_constrain, mesh=mesh, rules=rules)
+    return partial(nn.with_logical_constraint, rules=rules, mesh=mesh)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     """Shardings for a pytree whose nnx Variables carry logical names; other leaves replicate."""
-    specs = nnx.get_partition_spec(abstract_state)
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules)), specs, is_leaf=is_spec
-    )
+    return nn.logical_to_mesh_sharding(nnx.get_partition_spec(abstract_state), mesh, rules)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from xgen.generate import Completion, Engine, SamplingSettings, Scored
+from xgen.generate import Completion, Engine, SamplingConfig, Scored
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Row:
     """One prompt's work. settings.max_new_tokens == 0: nothing to generate (echo only)."""
 
     prompt: list[int]
-    settings: SamplingSettings
+    settings: SamplingConfig
     score: bool = False  # score prompt + completion (echo with logprobs)
     top_logprobs: int = 0
     scored: Scored | None = None
@@ -204,7 +204,7 @@ class Batcher:
             gen = [r for r in batch if r.settings.max_new_tokens > 0]
             if gen:
                 prompts = self._padded([r.prompt for r in gen], [eos])
-                settings = self._padded([r.settings for r in gen], SamplingSettings(max_new_tokens=1))
+                settings = self._padded([r.settings for r in gen], SamplingConfig(max_new_tokens=1))
                 padding += len(prompts) - len(gen)
 
                 def on_text(i: int, delta: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from xgen.config import ChatTemplateConfig
-from xgen.generate import SamplingSettings
+from xgen.generate import SamplingConfig
 from xgen.generate.chat import prompt_ids, stop_strings
 from xgen.tokenizer import Tokenizer
 
@@ -56,7 +56,7 @@ class Limits:
 class CompletionRequest:
     prompts: list[list[int]]
     prompt_texts: list[str]
-    settings: SamplingSettings  # max_new_tokens == max_tokens (0: echo only)
+    settings: SamplingConfig  # max_new_tokens == max_tokens (0: echo only)
     logprobs: int | None
     echo: bool
     stream: bool
@@ -66,7 +66,7 @@ class CompletionRequest:
 @dataclass
 class ChatRequest:
     prompt: list[int]
-    settings: SamplingSettings
+    settings: SamplingConfig
     stream: bool
     include_usage: bool
 
@@ -162,7 +162,7 @@ def _sampling(body: dict, longest: int, limits: Limits, default_max: int, min_ma
     _check_range("top_k", top_k, 0, limits.vocab, "an integer >= 0 (0: off)")
     seed = _get(body, "seed", (int,), None)
     seed = random.getrandbits(32) if seed is None else seed % 2**32
-    settings = SamplingSettings(max_tokens, temperature, top_k, top_p, _stops(body), seed)
+    settings = SamplingConfig(max_tokens, temperature, top_k, top_p, _stops(body), seed)
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
     if options and (not stream or set(options) - {"include_usage"}):

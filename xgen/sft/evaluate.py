@@ -8,16 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xgen.config import ModelConfig
 from xgen.model.loss import loss_fn
-from xgen.model.transformer import XGenModel
+from xgen.runtime import Runtime
 from xgen.sft.packing import Rows, to_model_batch
 
 
-def response_loss(model_cfg: ModelConfig, params: nnx.State, rows: Rows, batch_size: int = 8) -> float:
+def response_loss(runtime: Runtime, params: nnx.State, rows: Rows, batch_size: int = 8) -> float:
     """Mean cross-entropy over every trained target token of `rows` (all rows weigh by
-    their trained tokens, not equally)."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: XGenModel(model_cfg, rngs=nnx.Rngs(0))))
+    their trained tokens, not equally), on the runtime's mesh."""
+    graphdef = runtime.graphdef
+    batch_size = -(-batch_size // runtime.batch_shards) * runtime.batch_shards
+    batch_sharding = runtime.sharding(("batch", "length"))
 
     @jax.jit
     def summed(params, batch):
@@ -32,6 +33,6 @@ def response_loss(model_cfg: ModelConfig, params: nnx.State, rows: Rows, batch_s
         weight = np.zeros(batch_size, np.int32)
         weight[: min(batch_size, len(rows) - start)] = 1
         batch["loss_mask"] = batch["loss_mask"] * weight[:, None]
-        s, n = summed(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        s, n = summed(params, {k: jax.device_put(jnp.asarray(v), batch_sharding) for k, v in batch.items()})
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)

@@ -20,10 +20,11 @@ def run(cfg: XGenConfig, run_dir: Path) -> Path:
     if cfg.hf_path is None or cfg.out is None:
         raise ConfigError("task=import_hf needs hf_path=<Hugging Face model directory> and out=<new directory>")
     from xgen.checkpoint import read_meta
-    from xgen.hf.convert import model_config_from_dict, model_overrides
+    from xgen.hf.convert import model_overrides
     from xgen.hf.io import import_checkpoint
+    from xgen.runtime import model_config_from_meta
 
     out = import_checkpoint(cfg.hf_path, cfg.out)
-    model = model_config_from_dict(read_meta(out)["config"]["model"])
+    model = model_config_from_meta(read_meta(out)["config"]["model"], f"out={out}")
     log.info("train from it: python -m xgen.run trainer.init_from=%s %s", out, " ".join(model_overrides(model)))
     return out

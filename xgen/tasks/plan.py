@@ -24,15 +24,34 @@ def _advice(plan: dict, cfg: XGenConfig) -> str:
     if plan["fits"]:
         return "fits"
     tips = []
-    if cfg.model.remat == "none":
-        tips.append("model.remat=full")
-    if cfg.model.attention == "xla":
-        tips.append("model.attention=chunked")
+    if cfg.execution.remat == "none":
+        tips.append("execution.remat=full")
+    if cfg.execution.attention == "xla":
+        tips.append("execution.attention=chunked")
     if cfg.trainer.grad_accum_steps == 1:
         tips.append("trainer.grad_accum_steps=4")
     if cfg.optimizer.mu_dtype == "float32":
         tips.append("optimizer.mu_dtype=bfloat16")
     return "does not fit: try " + (", ".join(tips) if tips else "more chips (hardware=...) or a smaller stage.batch_tokens")
+
+
+def _generate_plan(cfg: XGenConfig, runtime) -> dict:
+    """One decoding step of `serve.max_batch` rows over a full KV cache (`generate.max_len`, or
+    the model's positions), compiled for the slice by the same Engine that serves: per-chip
+    memory of the sharded parameters, caches and temporaries."""
+    from xgen.generate.engine import Engine
+    from xgen.tokenizer import Tokenizer
+    from xgen.train.trainer import step_memory_bytes
+
+    engine = Engine(runtime, runtime.abstract_params, Tokenizer.from_name(cfg.tokenizer.name), max_len=cfg.generate.max_len)
+    batch, slots = cfg.serve.max_batch, engine.max_len
+    compiled = engine.compile_decode(batch, slots)
+    return {
+        "batch": -(-batch // engine.row_multiple) * engine.row_multiple,
+        "slots": slots,
+        "kv_cache_dtype": str(runtime.kv_dtype),
+        "hbm_per_chip_bytes": step_memory_bytes(compiled),
+    }
 
 
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
@@ -41,6 +60,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from xgen.model import count_params
     from xgen.parallel import topology_devices
+    from xgen.runtime import Runtime
     from xgen.train.throughput import flops_per_token
     from xgen.train.trainer import Trainer, step_memory_bytes
 
@@ -51,7 +71,8 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     flops_model = flops_per_token(cfg.model, stage.seq_len) * stage.batch_tokens  # what MFU counts
     compiled_ok = False
     if hw.tpu_topology:
-        trainer = Trainer(cfg, run_dir, devices=topology_devices(hw))
+        runtime = Runtime.of(cfg, devices=topology_devices(hw))  # one runtime: train and generate steps
+        trainer = Trainer(cfg, run_dir, runtime)
         method = f"compiled for {hw.tpu_topology} ({hw.device_kind}) by XLA"
         try:
             compiled = trainer.compile_step()
@@ -94,6 +115,8 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         "tokens_per_s": stage.batch_tokens / step_s if step_s else None,
     }
     plan["verdict"] = _advice(plan, cfg)
+    if hw.tpu_topology:
+        plan["generate"] = _generate_plan(cfg, runtime)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "unknown"  # noqa: E731
     rows = [
@@ -106,6 +129,11 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         ("step time", f"{step_s:.2f} s at {cfg.plan.mfu:.0%} MFU" if step_s else "unknown (no peak FLOP/s)"),
         ("tokens/s", f"{plan['tokens_per_s']:,.0f}" if step_s else "unknown"),
     ]
+    if "generate" in plan:
+        g = plan["generate"]
+        rows.append(
+            ("generate step", f"{g['batch']} rows x {g['slots']} cache slots ({g['kv_cache_dtype']}): {gib(g['hbm_per_chip_bytes'])} per chip")
+        )
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     log.info("plan written to %s", run_dir / "plan.json")

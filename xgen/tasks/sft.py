@@ -45,18 +45,12 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
 
 def heldout_losses(cfg: XGenConfig, run_dir: Path, heldout) -> dict[str, float]:
     """Held-out response loss of the starting model and of this run's final checkpoint."""
-    import jax
-    from flax import nnx
-
-    from xgen import checkpoint
-    from xgen.model.transformer import XGenModel
+    from xgen.runtime import Runtime
     from xgen.sft.evaluate import response_loss
 
-    abstract = nnx.state(nnx.eval_shape(lambda: XGenModel(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    runtime = Runtime.of(cfg)  # sharded as training was: a 7B model never lands on one device
     losses = {
-        name: round(response_loss(cfg.model, checkpoint.restore_params(path, placed), heldout), 4)
+        name: round(response_loss(runtime, runtime.restore_params(path), heldout), 4)
         for name, path in (("base", cfg.trainer.init_from), ("final", run_dir))
     }
     log.info(

@@ -8,6 +8,7 @@ so running the same command again in the same directory resumes the run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,9 +26,8 @@ from flax import nnx
 from xgen import checkpoint
 from xgen.config import ConfigError, XGenConfig
 from xgen.config.validate import mesh_shape
-from xgen.data import DataPipeline
-from xgen.model import XGenModel, count_params
-from xgen.parallel import activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
+from xgen.data.batches import Batches, BatchSource
+from xgen.runtime import Runtime
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
 from xgen.train.step import RunningStats, TrainState, train_step
@@ -92,11 +92,23 @@ class _SignalFlag:
             signal.signal(self.signum, self._previous)
 
 
+class _Window:
+    """Metrics accumulated since the last metrics.jsonl record."""
+
+    def __init__(self, start: int):
+        self.start, self.t0, self.acc = start, time.perf_counter(), None
+
+    def add(self, out: dict) -> None:
+        m = TrainMetrics.single_from_model_output(**out)
+        self.acc = m if self.acc is None else self.acc.merge(m)
+
+
 class Trainer:
     """Owns the mesh, the sharded train state, the compiled step and the checkpoint manager."""
 
-    def __init__(self, cfg: XGenConfig, run_dir: Path, devices: list | None = None):
-        """`devices`: build for these (a TPU topology's, for `task=plan`) instead of this host's."""
+    def __init__(self, cfg: XGenConfig, run_dir: Path, runtime: Runtime | None = None):
+        """`runtime`: the model on its mesh (`task=plan` passes one over a TPU topology's
+        devices); by default the run's own, on this host's devices."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.first_step = first_step(cfg, run_dir)
@@ -110,16 +122,10 @@ class Trainer:
                 f"trainer.grad_accum_steps={cfg.trainer.grad_accum_steps} micro-batches does not split over "
                 f"the mesh's data x fsdp = {sizes['data'] * sizes['fsdp']} devices"
             )
-        self.mesh = make_mesh(cfg.hardware, devices)
-        rules = axis_rules(cfg.hardware)
+        self.runtime = runtime = runtime or Runtime.of(cfg)
+        self.mesh = runtime.mesh
         self.schedule = lr_schedule(cfg.optimizer, self.steps)
         self.tx = make_optimizer(cfg.optimizer)
-        make_model = partial(
-            XGenModel,
-            cfg.model,
-            dtype=jnp.dtype(cfg.hardware.compute_dtype),
-            constrain=activation_constraint(self.mesh, rules),
-        )
 
         def from_params(params: nnx.State) -> TrainState:
             return TrainState(
@@ -127,14 +133,12 @@ class Trainer:
             )
 
         def init(key: jax.Array) -> TrainState:
-            return from_params(nnx.state(make_model(rngs=nnx.Rngs(key))))
+            return from_params(nnx.state(runtime.make_model(nnx.Rngs(key))))
 
-        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(rngs=nnx.Rngs(0))))
+        self.graphdef = runtime.graphdef
         abstract = jax.eval_shape(init, jax.random.key(0))
-        self.state_sharding = state_shardings(abstract, self.mesh, rules)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
-        )
+        self.state_sharding = runtime.shardings_of(abstract)
+        self.abstract_state = runtime.placed(abstract)
         self._init = jax.jit(init, out_shardings=self.state_sharding)
         # Parameters donated into the state: a params-only start holds the parameters and the
         # new optimizer state (3x the parameters for Adam), never a random state beside them.
@@ -144,7 +148,7 @@ class Trainer:
             out_shardings=self.state_sharding,
             donate_argnums=0,
         )
-        self.tokens_sharding = logical_sharding(self.mesh, rules, ("batch", "length"))
+        self.tokens_sharding = runtime.sharding(("batch", "length"))
         self._step = jax.jit(
             partial(
                 train_step,
@@ -161,12 +165,12 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.stage.seq_len)
         self.peak_flops = cfg.hardware.peak_flops_per_chip
         if self.peak_flops is None:
-            self.peak_flops = measure_matmul_peak(cfg.hardware.compute_dtype)
-            log.info("measured peak: %.1f GFLOP/s per device (%s matmul)", self.peak_flops / 1e9, cfg.hardware.compute_dtype)
+            self.peak_flops = measure_matmul_peak(str(runtime.dtype))
+            log.info("measured peak: %.1f GFLOP/s per device (%s matmul)", self.peak_flops / 1e9, runtime.dtype)
         log.info(
             "model %s: %s parameters | mesh %s over %d %s device(s) | %d steps of %d x %d tokens",
             cfg.model.name,
-            f"{count_params(cfg.model):,}",
+            f"{runtime.param_count():,}",
             dict(self.mesh.shape),
             self.mesh.size,
             self.mesh.devices.flat[0].platform,
@@ -175,12 +179,14 @@ class Trainer:
             cfg.stage.seq_len,
         )
 
-    def fit(self, data: DataPipeline) -> dict:
+    def fit(self, data: BatchSource) -> dict:
         """Train to `self.steps` on `data` (element i: this host's batch of step i + 1),
         resuming from the newest checkpoint; returns the run summary.
 
         SIGTERM (a preempted TPU VM, a SLURM time limit) ends the run after the current
-        step with a checkpoint, exit code 143; running the command again resumes."""
+        step with a checkpoint, exit code 143; running the command again resumes. Whatever
+        ends the loop, an exception included, the checkpoint manager's threads, the metrics
+        files and the signal handler are closed and restored."""
         cfg = self.cfg
         t_start = time.perf_counter()
         done = checkpoint.latest_step(self.run_dir / "checkpoints")
@@ -189,26 +195,37 @@ class Trainer:
         compiled = self.compile_step(data.dataset[0])
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
-        mngr = checkpoint.open_manager(
-            self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep, keep_every=cfg.trainer.checkpoints_keep_every
-        )
-        batches = data.iterator()
-        try:
+        with contextlib.ExitStack() as cleanup:
+            mngr = checkpoint.open_manager(
+                self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep, keep_every=cfg.trainer.checkpoints_keep_every
+            )
+            cleanup.callback(mngr.close)  # no orbax threads left behind, whatever happens
+            batches = data.iterator()
+            cleanup.callback(batches.close)  # grain's read-ahead threads
             state = self._restore(mngr, batches)
-        except BaseException:
-            mngr.close()  # no orbax threads left behind by a refused checkpoint
-            raise
-        start = int(state.step)
-        metrics_log = MetricsLog(
-            self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=jax.process_index() == 0
-        )
-        meta = {"config": dataclasses.asdict(cfg)}
-        save = lambda st: checkpoint.save(mngr, int(st.step), st, batches.get_state(), {**meta, "step": int(st.step)})  # noqa: E731
-        stop = _SignalFlag(signal.SIGTERM)
+            start = int(state.step)
+            metrics_log = MetricsLog(
+                self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=jax.process_index() == 0
+            )
+            cleanup.callback(metrics_log.close)
+            stop = _SignalFlag(signal.SIGTERM)
+            cleanup.callback(stop.restore)
+            train_t0 = time.perf_counter()
+            step, last = self._loop(compiled, state, start, train_t0, data, batches, mngr, metrics_log, stop)
+            mngr.wait_until_finished()
+        if stop.raised:
+            log.warning("SIGTERM: saved a checkpoint at step %d of %d; run the same command to resume", step, self.steps)
+            raise SystemExit(128 + signal.SIGTERM)
+        return self._summary(start, last, t_start, train_t0)
 
-        acc, last, pending = None, None, []
-        window_start = start
-        train_t0 = window_t0 = time.perf_counter()
+    def _loop(
+        self, compiled, state, start: int, train_t0: float, data: BatchSource, batches: Batches, mngr, metrics_log, stop
+    ) -> tuple[int, dict | None]:
+        """Steps from `start` to the end (or a SIGTERM); returns (last step, last logged metrics)."""
+        cfg = self.cfg
+        window = _Window(start)
+        pending: list = []  # (step, data index, outputs) not yet checked for events
+        last = None
         step = start
         # The data position of the next batch, counted here rather than read from the iterator
         # every step (it drifts from the step only when a rollback skips batches).
@@ -218,46 +235,49 @@ class Trainer:
             step += 1
             data_index += 1
             pending.append((step, data_index - 1, out))
-            m = TrainMetrics.single_from_model_output(**out)
-            acc = m if acc is None else acc.merge(m)
+            window.add(out)
             if cfg.trainer.spike.policy == "rollback" and bool(out["spike"]):
                 self._events(metrics_log, pending)
                 pending = []
                 state, step = self._rollback(mngr, state, step, metrics_log)
-                # Metrics of the discarded steps leave the window's averages.
-                acc, window_start, window_t0 = None, step, time.perf_counter()
+                window = _Window(step)  # metrics of the discarded steps leave the averages
                 continue
             if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stop.raised:
                 self._events(metrics_log, pending)
                 pending = []
-                now = time.perf_counter()
-                tokens_per_s = (step - window_start) * cfg.stage.batch_tokens / (now - window_t0)
-                last = {
-                    "step": step,
-                    **{k: float(v) for k, v in acc.compute().items()},
-                    "tokens_seen": step * cfg.stage.batch_tokens,
-                    "tokens_per_s": tokens_per_s,
-                    "tokens_per_s_per_chip": tokens_per_s / self.mesh.size,
-                    "mfu": tokens_per_s / self.mesh.size * self.flops_per_token / self.peak_flops,
-                    "elapsed_s": now - train_t0,
-                    "data_epochs": data.epochs(step),
-                }
-                metrics_log.write(last)
-                eta = (now - train_t0) / max(step - start, 1) * (self.steps - step)
-                log.info(progress_line(last, self.steps, eta))
-                acc, window_start, window_t0 = None, step, now
+                last = self._log_window(window, step, start, train_t0, data, metrics_log)
+                window = _Window(step)
             if step == self.steps or stop.raised or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                save(state)
+                self._save(mngr, state, batches)
             if stop.raised:
                 break
-        mngr.wait_until_finished()
-        mngr.close()
-        metrics_log.close()
-        stop.restore()
-        if stop.raised:
-            log.warning("SIGTERM: saved a checkpoint at step %d of %d; run the same command to resume", step, self.steps)
-            raise SystemExit(128 + signal.SIGTERM)
-        return self._summary(start, last, t_start, train_t0)
+        return step, last
+
+    def _save(self, mngr, state: TrainState, batches: Batches) -> None:
+        meta = {"config": dataclasses.asdict(self.cfg), "step": int(state.step)}
+        checkpoint.save(mngr, int(state.step), state, batches.get_state(), meta)
+
+    def _log_window(
+        self, window: _Window, step: int, start: int, train_t0: float, data: BatchSource, metrics_log: MetricsLog
+    ) -> dict:
+        """One metrics.jsonl record for the steps since the last one, and the progress line."""
+        cfg = self.cfg
+        now = time.perf_counter()
+        tokens_per_s = (step - window.start) * cfg.stage.batch_tokens / (now - window.t0)
+        record = {
+            "step": step,
+            **{k: float(v) for k, v in window.acc.compute().items()},
+            "tokens_seen": step * cfg.stage.batch_tokens,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_chip": tokens_per_s / self.mesh.size,
+            "mfu": tokens_per_s / self.mesh.size * self.flops_per_token / self.peak_flops,
+            "elapsed_s": now - train_t0,
+            "data_epochs": data.epochs(step),
+        }
+        metrics_log.write(record)
+        eta = record["elapsed_s"] / max(step - start, 1) * (self.steps - step)
+        log.info(progress_line(record, self.steps, eta))
+        return record
 
     def _restore(self, mngr, batches) -> TrainState:
         """This run's newest checkpoint (with the data position); else the stage it starts from
@@ -343,7 +363,7 @@ class Trainer:
             raise ConfigError(
                 f"the train step needs {needed / 2**30:.1f} GiB per device but hardware={hw.name} has "
                 f"{available / 2**30:.1f} GiB: lower stage.batch_tokens (now {self.cfg.stage.batch_tokens}), "
-                "set model.attention=chunked for long sequences, or use a smaller model"
+                "set execution.attention=chunked for long sequences, or use a smaller model"
             )
 
     def compile_step(self, local_batch: dict | None = None):
