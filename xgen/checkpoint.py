@@ -3,34 +3,135 @@
 Orbax writes tensorstore arrays into a temporary directory and renames it when complete,
 so a crash mid-save leaves the previous checkpoint as the latest usable one. Saves run
 asynchronously while training continues.
+
+What a checkpoint proves: a step directory counts only if orbax committed it (its commit
+record names a commit time); every array's fingerprint, taken on the device at save, is
+stored in its metadata with a copy of the data position, and both are checked at restore.
+A checkpoint that fails either check, or fails to read, is reported in one line and the
+newest older one that passes is used; numeric directories orbax did not commit are moved
+aside to `stray_checkpoints/` (kept, reported, never trusted).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from xgen.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+COMMIT_RECORD = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalized
+
+
+def _committed(step_dir: Path) -> bool:
+    try:
+        record = json.loads((step_dir / COMMIT_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(record, dict) and record.get("commit_timestamp_nsecs")) and (step_dir / "meta").is_dir()
+
+
+def scan(directory: Path) -> tuple[list[int], list[Path]]:
+    """(committed steps, newest first; numeric directories that are not committed checkpoints)."""
+    if not directory.is_dir():
+        return [], []
+    steps, stray = [], []
+    for path in directory.iterdir():
+        if path.is_dir() and path.name.isdigit():
+            if _committed(path):
+                steps.append(int(path.name))
+            else:
+                stray.append(path)
+    return sorted(steps, reverse=True), sorted(stray)
+
+
+def _move_strays(directory: Path) -> None:
+    """Numeric directories orbax did not commit, out of its way (orbax would count them)."""
+    for path in scan(directory)[1]:
+        target = _move_aside(directory, int(path.name), "stray_checkpoints")
+        log.warning("checkpoint %s is not one orbax committed (no commit record): moved to %s, not used", path, target)
+
 
 def open_manager(
     directory: Path, *, keep: int = 1, keep_every: int | None = None, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """Keeps the newest `keep` checkpoints, plus every one whose step is a multiple of `keep_every`."""
+    if keep < 1:
+        raise ConfigError(f"trainer.checkpoints_to_keep={keep}: at least 1 (the checkpoint a resume starts from)")
+    if not read_only:
+        _move_strays(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every, create=not read_only, read_only=read_only
     )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
+# ---- fingerprints ----------------------------------------------------------------------
+
+
+def _as_tree(state: Any) -> Any:
+    """A train state as a dict of its fields, so that its parameters sit under the same
+    key (`['params']`) as in a parameters-only checkpoint's `{"params": ...}`."""
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return state
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """A position-weighted sum of an array's bits (uint32): any changed byte changes it,
+    except with probability about 2^-32."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32).ravel()
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32) ^ jnp.uint32(bits.size)
+
+
+@jax.jit
+def _fingerprint_leaves(leaves: list) -> list:
+    return [_fingerprint(x) for x in leaves]
+
+
+def fingerprints(state: Any) -> dict[str, int]:
+    """Every array's fingerprint by its key path, computed where the array lives."""
+    flat = jax.tree_util.tree_flatten_with_path(_as_tree(state))[0]
+    values = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
+    return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(flat, values)}
+
+
+def _mismatch(state: Any, recorded: dict[str, int] | None) -> str | None:
+    """Which array differs from its fingerprint at save (None: all match, or none recorded)."""
+    if not recorded:
+        return None
+    for key, value in fingerprints(state).items():
+        if key in recorded and recorded[key] != value:
+            return f"array {key} differs from the fingerprint taken when it was saved"
+    return None
+
+
+def all_finite(state: Any) -> bool:
+    """Whether every floating-point array of the state is finite (checked on the device)."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    return bool(jax.jit(lambda xs: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves)) if leaves else True
+
+
+# ---- save and restore ------------------------------------------------------------------
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, meta: dict) -> None:
     """Start an asynchronous save of everything needed to resume at `step`."""
+    meta = {**meta, "fingerprints": fingerprints(state), "data_state": data_state}
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -43,11 +144,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, m
 
 
 def latest_step(directory: Path) -> int | None:
-    """The newest complete checkpoint's step under `directory`, or None."""
-    if not directory.is_dir():
-        return None
-    with open_manager(directory, read_only=True) as mngr:
-        return mngr.latest_step()
+    """The newest committed checkpoint's step under `directory`, or None."""
+    steps, stray = scan(directory)
+    for path in stray:
+        log.warning("checkpoint %s is not one orbax committed (no commit record): ignored", path)
+    return steps[0] if steps else None
 
 
 def checkpoints_dir(run_or_checkpoints: str | Path) -> Path:
@@ -56,32 +157,82 @@ def checkpoints_dir(run_or_checkpoints: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def _unreadable(ex: BaseException) -> str:
-    """Why a checkpoint could not be restored, in one line: damaged files, or another model."""
+def _first_line(ex: BaseException) -> str:
     first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-    first = first.split(" [tensorstore_spec")[0]
-    damaged = "DATA_LOSS" in first or "checksum" in first or type(ex).__name__ == "JSONDecodeError"
-    if damaged:
-        return f"is damaged (its files fail their checks; an older step or a fresh run dir is needed): {first}"
-    return f"does not match this run's model or optimizer: {first}"
+    return first.split(" [tensorstore_spec")[0][:300]
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict, int] | None:
-    """(state, data_state, step) of the newest complete checkpoint, or None if there is none.
+def read_meta_at(directory: Path, step: int) -> dict:
+    """One checkpoint's JSON metadata (the resolved config it was written with)."""
+    try:
+        with open_manager(directory, read_only=True) as mngr:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as ex:  # noqa: BLE001 - any failure to read is damage, in one line
+        raise ConfigError(f"checkpoint {directory}/{step}: its metadata cannot be read: {_first_line(ex)}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"checkpoint {directory}/{step}: its metadata is not a JSON object")
+    return dict(meta)
 
-    `abstract_state` holds ShapeDtypeStructs with shardings: arrays land where they say,
-    whatever mesh wrote them."""
-    step = mngr.latest_step()
-    if step is None:
-        return None
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """(state, data_state, meta) of one step, checked against its fingerprints; raises on damage."""
+    meta = read_meta_at(Path(mngr.directory), step)
     try:
         restored = mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         )
-    except (ValueError, KeyError, FileNotFoundError) as ex:
-        raise ConfigError(f"checkpoint {mngr.directory}/{step} {_unreadable(ex)}") from None
-    log.info("restored checkpoint %s/%d", mngr.directory, step)
-    return restored.state, restored.data, step
+    except Exception as ex:  # noqa: BLE001 - truncated, deleted or garbled files
+        raise ConfigError(f"checkpoint {mngr.directory}/{step} cannot be read: {_first_line(ex)}") from None
+    problem = _mismatch(restored.state, meta.get("fingerprints"))
+    if problem is None and "data_state" in meta and restored.data != meta["data_state"]:
+        problem = f"its data position {restored.data} differs from the one recorded at save {meta['data_state']}"
+    if problem:
+        raise ConfigError(f"checkpoint {mngr.directory}/{step} is damaged: {problem}")
+    return restored.state, restored.data, meta
+
+
+def _move_aside(directory: Path, step: int, folder: str) -> Path:
+    target = directory.parent / folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(directory / str(step)), target)
+    return target
+
+
+def restore_latest(
+    mngr: ocp.CheckpointManager,
+    abstract_state: Any,
+    on_damaged: Callable[[int, str], None] | None = None,
+    move_damaged: bool = False,
+) -> tuple[Any, dict, int, dict] | None:
+    """(state, data_state, step, meta) of the newest committed checkpoint that reads and passes its
+    checks, or None if there is none. A damaged one is reported (`on_damaged(step, why)`)
+    and the next older one tried; if every one is damaged, that is an error.
+
+    `abstract_state` holds ShapeDtypeStructs with shardings: arrays land where they say,
+    whatever mesh wrote them. With `move_damaged` (the run's own, writable manager), a damaged
+    step directory is moved to `damaged_checkpoints/` beside it: kept for inspection, out of
+    the way of the step that will be saved again."""
+    directory = Path(mngr.directory)
+    steps, _ = scan(directory)
+    problems = []
+    for step in steps:
+        try:
+            state, data, meta = _restore_step(mngr, step, abstract_state)
+        except ConfigError as ex:
+            why = str(ex)
+            if move_damaged:
+                why += f" (moved to {_move_aside(directory, step, 'damaged_checkpoints')})"
+                mngr.reload()
+            log.error("%s; trying the checkpoint before it", why)
+            problems.append(why)
+            if on_damaged is not None:
+                on_damaged(step, why)
+            continue
+        log.info("restored checkpoint %s/%d", mngr.directory, step)
+        return state, data, step, meta
+    if problems:
+        raise ConfigError(f"no checkpoint in {mngr.directory} can be restored: {'; '.join(problems)}")
+    return None
 
 
 # Model-only access, for inference, conversion and `trainer.init_from`: a training checkpoint
@@ -90,7 +241,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
 
 
 def newest(path: str | Path) -> tuple[Path, int]:
-    """(checkpoints directory, newest complete step) of a run dir or checkpoints dir."""
+    """(checkpoints directory, newest committed step) of a run dir or checkpoints dir."""
     directory = checkpoints_dir(path)
     step = latest_step(directory)
     if step is None:
@@ -100,9 +251,7 @@ def newest(path: str | Path) -> tuple[Path, int]:
 
 def read_meta(path: str | Path) -> dict:
     """The newest checkpoint's JSON metadata (the resolved config it was written with)."""
-    directory, step = newest(path)
-    with open_manager(directory, read_only=True) as mngr:
-        return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    return read_meta_at(*newest(path))
 
 
 def has_optimizer_state(path: str | Path) -> bool:
@@ -112,8 +261,10 @@ def has_optimizer_state(path: str | Path) -> bool:
 
 def restore_params(path: str | Path, abstract_params: Any) -> Any:
     """Only the parameters of the newest checkpoint (a partial restore: optimizer state is not
-    read), placed as `abstract_params` (ShapeDtypeStructs with shardings) says."""
+    read), placed as `abstract_params` (ShapeDtypeStructs with shardings) says, and checked
+    against their fingerprints."""
     directory, step = newest(path)
+    meta = read_meta_at(directory, step)
     item = {"params": abstract_params}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), item)
     try:
@@ -124,21 +275,23 @@ def restore_params(path: str | Path, abstract_params: Any) -> Any:
                     state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
                 ),
             )
-    except (ValueError, KeyError, FileNotFoundError) as ex:
-        raise ConfigError(f"checkpoint {directory}/{step} {_unreadable(ex)}") from None
-    return restored.state["params"]
+    except Exception as ex:  # noqa: BLE001 - another model, or damaged files: one line
+        raise ConfigError(f"checkpoint {directory}/{step} cannot be read as this model's parameters: {_first_line(ex)}") from None
+    params = restored.state["params"]
+    problem = _mismatch({"params": params}, meta.get("fingerprints"))
+    if problem:
+        raise ConfigError(f"checkpoint {directory}/{step} is damaged: {problem}")
+    return params
 
 
 def save_params(path: str | Path, params: Any, meta: dict, step: int = 0) -> Path:
     """Write a parameters-only checkpoint under `path`/checkpoints (atomic, like every save)."""
     directory = Path(path) / "checkpoints"
+    meta = {**meta, "params_only": True, "fingerprints": fingerprints({"params": params})}
     with open_manager(directory) as mngr:
         mngr.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params}),
-                meta=ocp.args.JsonSave({**meta, "params_only": True}),
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
         mngr.wait_until_finished()

@@ -46,6 +46,13 @@ def _config_error_line(ex: BaseException) -> str | None:
     bad = _unparsable_override() if type(ex).__name__ == "OverrideParseException" else None
     if bad and bad not in line:
         line = f"cannot parse override {bad!r} (quote values with spaces or brackets: key='...'): {line}"
+    misspelt = re.search(r"Could not override '([\w.]+)'", line)
+    if misspelt and "not in" in line:
+        from xgen.config.store import closest_key
+
+        close = closest_key(misspelt.group(1))
+        if close:
+            line += f" (did you mean {close}?)"
     if isinstance(ex, MissingConfigException) and ex.options:
         line += f" (available: {', '.join(sorted(ex.options))})"
     return line
@@ -101,16 +108,37 @@ def _exit_on_config_error(ex: BaseException) -> None:
     sys.exit(2)
 
 
+def _chips_present(platform: str) -> bool:
+    """Whether this machine has the accelerator's device files (checked without starting JAX,
+    whose multi-host start would wait for peers or a metadata server that are not there)."""
+    import glob
+
+    patterns = {"tpu": ["/dev/accel*", "/dev/vfio/[0-9]*"], "gpu": ["/dev/nvidia[0-9]*", "/dev/dri/renderD*"]}
+    return platform == "cpu" or any(glob.glob(p) for p in patterns.get(platform, []))
+
+
 def _start_distributed(cfg) -> None:
     """JAX's multi-controller runtime, when the hardware says the job spans processes."""
     hw = cfg.hardware
     if not (hw.distributed or hw.coordinator_address) or cfg.task.name in LOCAL_TASKS:
         return
+    if not _chips_present(str(hw.platform)):
+        raise ConfigError(
+            f"hardware={hw.name} is for a multi-host {hw.platform} job but this machine has no {hw.platform} chips; "
+            "choose the hardware this machine has (hardware=cpu), or task=plan to compile for it"
+        )
     import jax
 
-    jax.distributed.initialize(
-        coordinator_address=hw.coordinator_address, num_processes=hw.num_processes, process_id=hw.process_id
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=hw.coordinator_address, num_processes=hw.num_processes, process_id=hw.process_id
+        )
+    except Exception as ex:  # noqa: BLE001 - not on the machines it describes: one line
+        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise ConfigError(
+            f"hardware={hw.name}: JAX's multi-host runtime did not start ({first}); run on the {hw.platform} "
+            "slice it describes, choose the hardware this machine has (hardware=cpu), or task=plan to compile for it"
+        ) from None
 
 
 @hydra.main(version_base="1.3", config_path=_CONFIG_PATH, config_name="config")
@@ -143,6 +171,9 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         _hydra_entry()
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints on it instead)
+        print("xgen: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         _exit_on_config_error(ex)
         raise

@@ -325,6 +325,9 @@ class TrainerConfig:
     # Micro-batches per optimizer step: the stage's batch is split and gradients summed,
     # for batches that do not fit in memory at once.
     grad_accum_steps: int = 1
+    # Keys (or prefixes: optimizer) a resume may change from the checkpoint's config; any other
+    # run-defining difference is refused (xgen/train/resume.py). Allowed changes go to events.jsonl.
+    allow_changes: list[str] = field(default_factory=list)
     tensorboard: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 

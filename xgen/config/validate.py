@@ -2,41 +2,117 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 from xgen.config.errors import ConfigError
 from xgen.config.schema import HardwareConfig, XGenConfig
 
+# Tasks that train, and so need a batch that splits over the mesh.
+TRAINING_TASKS = ("pretrain", "pretrain_all", "sft", "plan")
+
+
+def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
+    """Each value against its meaning: finite, and in its range (before any relation between
+    values is computed: a zero head count must not reach a division)."""
+    m, s, o, t, hw = cfg.model, cfg.stage, cfg.optimizer, cfg.trainer, cfg.hardware
+    rules: list[tuple[str, Any, str]] = [
+        ("model.d_model", m.d_model, ">0"), ("model.n_layers", m.n_layers, ">0"), ("model.n_heads", m.n_heads, ">0"),
+        ("model.n_kv_heads", m.n_kv_heads, ">0?"), ("model.d_ff", m.d_ff, ">0"), ("model.vocab_size", m.vocab_size, ">0"),
+        ("model.max_positions", m.max_positions, ">0"), ("model.rms_norm_eps", m.rms_norm_eps, ">0"),
+        ("model.rope_theta", m.rope_theta, ">0"), ("model.init_std", m.init_std, ">0"),
+        ("execution.attention_chunk", cfg.execution.attention_chunk, ">0"),
+        ("stage.seq_len", s.seq_len, ">0"), ("stage.batch_tokens", s.batch_tokens, ">0"),
+        ("stage.token_budget", s.token_budget, ">0"),
+        ("optimizer.lr", o.lr, ">0"), ("optimizer.beta1", o.beta1, "[0,1)"), ("optimizer.beta2", o.beta2, "[0,1)"),
+        ("optimizer.eps", o.eps, ">0"), ("optimizer.weight_decay", o.weight_decay, ">=0"),
+        ("optimizer.grad_clip", o.grad_clip, ">0"), ("optimizer.warmup_steps", o.warmup_steps, ">=0"),
+        ("optimizer.decay_steps", o.decay_steps, ">0?"), ("optimizer.min_lr_ratio", o.min_lr_ratio, "[0,1]"),
+        ("trainer.steps", t.steps, ">0?"), ("trainer.log_every", t.log_every, ">0"),
+        ("trainer.checkpoint_every", t.checkpoint_every, ">=0"), ("trainer.checkpoints_to_keep", t.checkpoints_to_keep, ">0"),
+        ("trainer.checkpoints_keep_every", t.checkpoints_keep_every, ">0?"),
+        ("trainer.grad_accum_steps", t.grad_accum_steps, ">0"), ("trainer.rewarm_steps", t.rewarm_steps, ">=0"),
+        ("trainer.spike.threshold", t.spike.threshold, ">0"), ("trainer.spike.decay", t.spike.decay, "(0,1)"),
+        ("trainer.spike.warmup_steps", t.spike.warmup_steps, ">=0"),
+        ("loader.read_threads", cfg.loader.read_threads, ">0"), ("loader.prefetch_batches", cfg.loader.prefetch_batches, ">=0"),
+        ("prepare.workers", cfg.prepare.workers, ">=0"), ("prepare.batch_documents", cfg.prepare.batch_documents, ">0"),
+        ("prepare.shard_tokens", cfg.prepare.shard_tokens, ">0"),
+        ("data_mix.min_doc_tokens", cfg.data_mix.min_doc_tokens, ">=0"),
+        ("data_mix.weight_tolerance", cfg.data_mix.weight_tolerance, ">=0"),
+        ("hardware.num_devices", hw.num_devices, ">0"), ("hardware.host_device_count", hw.host_device_count, ">0?"),
+        ("hardware.peak_flops_per_chip", hw.peak_flops_per_chip, ">0?"),
+        ("hardware.memory_per_chip_bytes", hw.memory_per_chip_bytes, ">0?"),
+        ("hardware.chip_power_w", hw.chip_power_w, ">0?"), ("hardware.pue", hw.pue, ">0"),
+        ("generate.max_new_tokens", cfg.generate.max_new_tokens, ">0"), ("generate.temperature", cfg.generate.temperature, ">=0"),
+        ("generate.top_k", cfg.generate.top_k, ">=0"), ("generate.top_p", cfg.generate.top_p, "(0,1]"),
+        ("generate.max_len", cfg.generate.max_len, ">0?"),
+        ("serve.max_batch", cfg.serve.max_batch, ">0"), ("serve.batch_wait_ms", cfg.serve.batch_wait_ms, ">=0"),
+        ("plan.mfu", cfg.plan.mfu, "(0,1]"),
+    ]  # fmt: skip
+    for name, src in cfg.data_mix.sources.items():
+        rules.append((f"data_mix.sources.{name}.weight", src.weight, ">0"))
+        rules.append((f"data_mix.sources.{name}.max_documents", src.max_documents, ">0?"))
+    for name, share in cfg.data_mix.stage_split.items():
+        rules.append((f"data_mix.stage_split.{name}", share, ">0"))
+    if cfg.eval is not None:
+        ev = cfg.eval
+        rules += [("eval.limit", ev.limit, ">0?"), ("eval.batch_size", ev.batch_size, ">0"), ("eval.shots", ev.shots, ">=0"),
+                  ("eval.n_samples", ev.n_samples, ">0"), ("eval.max_new_tokens", ev.max_new_tokens, ">0"),
+                  ("eval.temperature", ev.temperature, ">=0"), ("eval.top_p", ev.top_p, "(0,1]"),
+                  ("eval.max_input_tokens", ev.max_input_tokens, ">0?"), ("eval.min_tokens", ev.min_tokens, ">0")]  # fmt: skip
+    if cfg.sft is not None:
+        rules += [("sft.epochs", cfg.sft.epochs, ">0"), ("sft.heldout", cfg.sft.heldout, ">=0")]
+    return [_in_range(key, value, rule) for key, value, rule in rules]
+
+
+_RULES = {
+    ">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}  # fmt: skip
+
+
+def _in_range(key: str, value: Any, rule: str) -> tuple[bool, str]:
+    """`rule` ending in `?`: null is allowed too."""
+    optional, rule = rule.endswith("?"), rule.rstrip("?")
+    test, words = _RULES[rule]
+    if value is None:
+        return optional, f"{key} must be set (a number {words})"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and test(value)
+    return ok, f"{key}={value} must be a finite number {words}" + (" (or null)" if optional else "")
+
 
 def validate(cfg: XGenConfig) -> None:
-    """Raise ConfigError (one line, naming the keys) for a config that cannot run."""
+    """Raise ConfigError (one line, naming the key, its value and the rule) for a config that
+    cannot run or would run wrong; only the config is read (no data, no devices)."""
     from xgen.tokenizer import n_tokens_of
 
+    for ok, message in _range_checks(cfg):
+        if not ok:
+            raise ConfigError(message)
     m, s, hw, t = cfg.model, cfg.stage, cfg.hardware, cfg.trainer
     n_kv = m.n_kv_heads or m.n_heads
     checks = [
         (m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"),
         ((m.d_model // m.n_heads) % 2 == 0, f"model head size {m.d_model // m.n_heads} must be even for rotary embeddings"),
         (m.n_heads % n_kv == 0, f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv}"),
-        (cfg.execution.attention_chunk > 0, f"execution.attention_chunk={cfg.execution.attention_chunk} must be positive"),
         (s.seq_len <= m.max_positions, f"stage.seq_len={s.seq_len} exceeds model.max_positions={m.max_positions}"),
         (s.batch_tokens % s.seq_len == 0, f"stage.batch_tokens={s.batch_tokens} is not a multiple of stage.seq_len={s.seq_len}"),
         (s.batch_tokens >= s.seq_len, f"stage.batch_tokens={s.batch_tokens} is less than one sequence of {s.seq_len}"),
-        (t.grad_accum_steps > 0, f"trainer.grad_accum_steps={t.grad_accum_steps} must be positive"),
-        (t.rewarm_steps >= 0, f"trainer.rewarm_steps={t.rewarm_steps} must not be negative"),
-        (0 < t.spike.decay < 1, f"trainer.spike.decay={t.spike.decay} must be in (0, 1)"),
-        (t.log_every > 0, f"trainer.log_every={t.log_every} must be positive"),
-        (t.steps is None or t.steps > 0, f"trainer.steps={t.steps} must be positive"),
-        (cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be positive"),
         (bool(cfg.data_mix.sources), f"data_mix {cfg.data_mix.name!r} has no sources"),
     ]
     for name, src in cfg.data_mix.sources.items():
-        checks.append((src.weight > 0, f"data_mix.sources.{name}.weight={src.weight} must be positive"))
         checks.append((src.kind != "prepared" or bool(src.path), f"data_mix.sources.{name}: kind 'prepared' needs a path"))
-    checks.append((cfg.loader.read_threads > 0, f"loader.read_threads={cfg.loader.read_threads} must be positive"))
-    checks.append((cfg.prepare.workers >= 0, f"prepare.workers={cfg.prepare.workers} must be 0 (in-process) or more"))
-    if cfg.eval is not None:
-        checks.append((cfg.eval.limit is None or cfg.eval.limit > 0, f"eval.limit={cfg.eval.limit} must be positive"))
-        checks.append((cfg.eval.batch_size > 0, f"eval.batch_size={cfg.eval.batch_size} must be positive"))
-    vocab_needed = n_tokens_of(cfg.tokenizer.name)
+        local = src.kind == "prepared" and src.path and "://" not in src.path
+        if local and cfg.task.name == "pretrain" and not (Path(src.path) / "manifest.json").exists():
+            checks.append((False, f"data_mix.sources.{name}.path={src.path}: not prepared (no manifest.json); run task=prepare first"))
+    if t.init_from is not None and cfg.task.name in TRAINING_TASKS:
+        checks.append((Path(t.init_from).exists(), f"trainer.init_from={t.init_from}: no such directory"))
+    try:
+        vocab_needed = n_tokens_of(cfg.tokenizer.name)
+    except ValueError as ex:
+        raise ConfigError(str(ex)) from None
     checks.append(
         (
             m.vocab_size >= vocab_needed,
@@ -46,7 +122,14 @@ def validate(cfg: XGenConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    mesh_shape(hw)  # raises on a mesh that cannot cover the devices
+    sizes = mesh_shape(hw)  # raises on a mesh that cannot cover the devices
+    if cfg.task.name in TRAINING_TASKS:
+        batch, accum, shards = s.batch_tokens // s.seq_len, t.grad_accum_steps, sizes["data"] * sizes["fsdp"]
+        if batch % accum or (batch // accum) % shards:
+            raise ConfigError(
+                f"batch of {batch} sequences (stage.batch_tokens / stage.seq_len) in trainer.grad_accum_steps={accum} "
+                f"micro-batches does not split over the mesh's data x fsdp = {shards} devices"
+            )
 
 
 def mesh_shape(hw: HardwareConfig) -> dict[str, int]:

@@ -28,7 +28,14 @@ def make_mesh(hw: HardwareConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over the first `hardware.num_devices` devices (of `devices`,
     e.g. a TPU topology description's for ahead-of-time compilation; default: this host's)."""
     sizes = mesh_shape(hw)
-    devices = list(devices) if devices is not None else jax.devices()
+    if devices is None:
+        devices = jax.devices()
+        if devices[0].platform != hw.platform:
+            raise ConfigError(
+                f"hardware={hw.name} is for {hw.platform} devices but JAX sees {len(devices)} {devices[0].platform} "
+                f"device(s) here; choose the hardware this machine has (hardware=cpu), or task=plan to compile for it"
+            )
+    devices = list(devices)
     if len(devices) < hw.num_devices:
         raise ConfigError(
             f"hardware={hw.name} wants {hw.num_devices} devices but JAX sees {len(devices)} "

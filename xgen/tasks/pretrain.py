@@ -14,6 +14,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     from xgen.tokenizer import Tokenizer
     from xgen.train.trainer import Trainer
 
+    trainer = Trainer(cfg, run_dir)  # the mesh and the model first: a wrong machine fails before the data
     pipeline = build_pipeline(
         cfg.data_mix,
         cfg.stage,
@@ -24,4 +25,4 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     )
     if jax.process_index() == 0:
         pipeline.write_report(run_dir)  # what each part holds, weighs and lost: data_mix.json
-    return Trainer(cfg, run_dir).fit(pipeline)
+    return trainer.fit(pipeline)

@@ -9,6 +9,7 @@ is on, TensorBoard event files through the small `tensorboardX` package (extra `
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ class MetricsLog:
             return
         self.path.touch()
         self._file = self.path.open("a", encoding="utf-8")
-        self.truncate(resume_step)
+        self.truncate(resume_step, events=True)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -65,13 +66,16 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"train/{key}", value, record["step"])
 
-    def truncate(self, step: int) -> None:
-        """Drop records after `step` (a rollback returns there; each step stays logged once)."""
+    def truncate(self, step: int, events: bool = False) -> None:
+        """Drop records after `step`, and with `events` events too (a resume returns there and
+        replays them; a rollback keeps the events that caused it): each step stays logged once. Each file is rewritten beside itself and renamed over the old one,
+        so a kill at any moment leaves the old file or the new one, never an empty one."""
         if not self.primary:
             return
         self._file.close()
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        _keep_until(self.path, step)
+        if events and self.events_path.exists():
+            _keep_until(self.events_path, step)
         self._file = self.path.open("a", encoding="utf-8")
 
     def event(self, record: dict[str, Any]) -> None:
@@ -86,6 +90,28 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """`path`'s JSON lines whose step is at most `step`; a torn last line (a kill mid-write) is
+    dropped with a warning."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if torn:
+        log.warning("%s: %d unreadable line(s) (a write cut short) dropped", path, torn)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, path)
 
 
 def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str:

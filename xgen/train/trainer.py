@@ -30,6 +30,7 @@ from xgen.data.batches import Batches, BatchSource
 from xgen.runtime import Runtime
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
+from xgen.train.resume import check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
 from xgen.train.throughput import flops_per_token, measure_matmul_peak
 
@@ -77,19 +78,21 @@ def _params_only(cfg: XGenConfig) -> bool:
 
 
 class _SignalFlag:
-    """Turns a signal into a flag the loop checks between steps (main thread only)."""
+    """Turns signals into a flag the loop checks between steps (main thread only): SIGTERM
+    (a preempted VM, a scheduler's limit) and SIGINT (Ctrl-C) both end the run after the
+    current step with a checkpoint. `raised` is the signal number, 0 before any."""
 
-    def __init__(self, signum: int):
-        self.signum, self.raised, self._previous = signum, False, None
+    def __init__(self, *signums: int):
+        self.raised, self._previous = 0, {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signum, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in signums}
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        self.raised = signum
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class _Window:
@@ -202,20 +205,27 @@ class Trainer:
             cleanup.callback(mngr.close)  # no orbax threads left behind, whatever happens
             batches = data.iterator()
             cleanup.callback(batches.close)  # grain's read-ahead threads
+            self._pending_events, self._allowed_changes = [], {}
             state = self._restore(mngr, batches)
             start = int(state.step)
             metrics_log = MetricsLog(
                 self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=jax.process_index() == 0
             )
             cleanup.callback(metrics_log.close)
-            stop = _SignalFlag(signal.SIGTERM)
+            if self._allowed_changes:
+                changes = {k: [a, b] for k, (a, b) in self._allowed_changes.items()}
+                log.warning("resuming with changes allowed by trainer.allow_changes: %s", changes)
+                self._pending_events.append({"event": "config_change", "step": start, "changes": changes})
+            self._flush_events(metrics_log)
+            stop = _SignalFlag(signal.SIGTERM, signal.SIGINT)
             cleanup.callback(stop.restore)
             train_t0 = time.perf_counter()
             step, last = self._loop(compiled, state, start, train_t0, data, batches, mngr, metrics_log, stop)
             mngr.wait_until_finished()
         if stop.raised:
-            log.warning("SIGTERM: saved a checkpoint at step %d of %d; run the same command to resume", step, self.steps)
-            raise SystemExit(128 + signal.SIGTERM)
+            name = signal.Signals(stop.raised).name
+            log.warning("%s: saved a checkpoint at step %d of %d; run the same command to resume", name, step, self.steps)
+            raise SystemExit(128 + stop.raised)
         return self._summary(start, last, t_start, train_t0)
 
     def _loop(
@@ -248,14 +258,30 @@ class Trainer:
                 last = self._log_window(window, step, start, train_t0, data, metrics_log)
                 window = _Window(step)
             if step == self.steps or stop.raised or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                self._save(mngr, state, batches)
+                self._save(mngr, state, batches, metrics_log)
             if stop.raised:
                 break
         return step, last
 
-    def _save(self, mngr, state: TrainState, batches: Batches) -> None:
-        meta = {"config": dataclasses.asdict(self.cfg), "step": int(state.step)}
-        checkpoint.save(mngr, int(state.step), state, batches.get_state(), meta)
+    def _save(self, mngr, state: TrainState, batches: Batches, metrics_log: MetricsLog) -> None:
+        """A checkpoint of a finite state; a non-finite one is never saved (so retention cannot
+        rotate the last good checkpoint away), and is an error at the end of the run."""
+        step = int(state.step)
+        if not checkpoint.all_finite((state.params, state.opt_state)):
+            metrics_log.event({"event": "checkpoint_refused", "step": step, "why": "non-finite parameters or optimizer state"})
+            newest = checkpoint.latest_step(self.run_dir / "checkpoints")
+            message = f"step {step}: the parameters or optimizer moments are not finite; not saved (newest good checkpoint: step {newest})"
+            if step >= self.steps:
+                raise SystemExit(f"xgen: {message}")
+            log.error(message)
+            return
+        meta = {"config": dataclasses.asdict(self.cfg), "step": step}
+        checkpoint.save(mngr, step, state, batches.get_state(), meta)
+
+    def _flush_events(self, metrics_log: MetricsLog) -> None:
+        for event in self._pending_events:
+            metrics_log.event(event)
+        self._pending_events = []
 
     def _log_window(
         self, window: _Window, step: int, start: int, train_t0: float, data: BatchSource, metrics_log: MetricsLog
@@ -280,11 +306,13 @@ class Trainer:
         return record
 
     def _restore(self, mngr, batches) -> TrainState:
-        """This run's newest checkpoint (with the data position); else the stage it starts from
-        (model, optimizer and step; its own data chunk from the start); else a fresh init."""
-        restored = checkpoint.restore_latest(mngr, self.abstract_state)
+        """This run's newest good checkpoint (with the data position), if the command still
+        describes its run; else the stage it starts from (model, optimizer and step; its own
+        data chunk from the start); else a fresh init."""
+        restored = checkpoint.restore_latest(mngr, self.abstract_state, on_damaged=self._damaged, move_damaged=True)
         if restored is not None:
-            state, data_state, _ = restored
+            state, data_state, step, meta = restored
+            self._allowed_changes = check_resume(meta.get("config", {}), self.cfg, f"{self.run_dir} at step {step}")
             batches.set_state(data_state)
             return state
         if self.cfg.trainer.init_from is None:
@@ -295,19 +323,23 @@ class Trainer:
             log.info("starting from the parameters in %s, with a fresh optimizer", source)
             return self.from_params(params)
         with checkpoint.open_manager(source, read_only=True) as init_mngr:
-            state, _, step = checkpoint.restore_latest(init_mngr, self.abstract_state)
+            state, _, step, _ = checkpoint.restore_latest(init_mngr, self.abstract_state, on_damaged=self._damaged)
         log.info("starting from %s at step %d", source, step)
         if self.cfg.trainer.reset_optimizer:
             state = self._reset_optimizer(state)  # the old optimizer state is donated, not kept
         return state
 
+    def _damaged(self, step: int, why: str) -> None:
+        self._pending_events.append({"event": "checkpoint_damaged", "step": step, "why": why})
+
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
         """Back to the newest checkpoint's model and optimizer; the data goes on after the spike."""
-        restored = checkpoint.restore_latest(mngr, self.abstract_state)
+        restored = checkpoint.restore_latest(mngr, self.abstract_state, on_damaged=self._damaged, move_damaged=True)
         if restored is None:
             log.warning("loss spike at step %d: no checkpoint to roll back to; the update was skipped", step)
             return state, step
-        back, _, back_step = restored
+        back, _, back_step, _ = restored
+        self._flush_events(metrics_log)
         log.warning("loss spike at step %d: rolled back to step %d; batches of steps %d-%d skipped", step, back_step, back_step + 1, step)
         metrics_log.event({"event": "rollback", "step": step, "to_step": back_step})
         metrics_log.truncate(back_step)

@@ -1,0 +1,106 @@
+"""Every config value is checked for its meaning before any work (issue 14): each mistake
+below was once a traceback, an error only after building the data, or silently accepted.
+Each is now refused by composition or `validate` (no data, no devices), naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import compose_config
+from xgen.config import ConfigError
+from xgen.config.validate import validate
+
+REPO = Path(__file__).resolve().parents[2]
+
+# (overrides, what the one line must say)
+BAD = [
+    # once tracebacks
+    (["model.n_heads=0"], "model.n_heads=0 must be a finite number > 0"),
+    (["stage.seq_len=0"], "stage.seq_len=0 must be"),
+    (["model.max_positions=0"], "model.max_positions=0 must be"),
+    (["model.d_model=0"], "model.d_model=0 must be"),
+    (["model.d_ff=0"], "model.d_ff=0 must be"),
+    (["execution.attention_chunk=0"], "execution.attention_chunk=0 must be"),
+    (["tokenizer.name=gpt2"], "tokenizer.name='gpt2': only 'xgen' is known"),
+    (["data_mix.sources.python_docs.weight=inf"], "data_mix.sources.python_docs.weight=inf must be a finite number"),
+    (["loader.prefetch_batches=-1"], "loader.prefetch_batches=-1 must be a finite number >= 0"),
+    # once refused only after the data pipeline was built
+    (["stage.seq_len=32", "stage.batch_tokens=96", "hardware=cpu_8"], "does not split over the mesh"),
+    (["trainer.grad_accum_steps=3"], "trainer.grad_accum_steps=3 micro-batches does not split"),
+    (["trainer.init_from=/nonexistent/run"], "trainer.init_from=/nonexistent/run: no such directory"),
+    (["data_mix=stage1", "stage=s1_2k", "data_dir=/nonexistent"], "not prepared (no manifest.json); run task=prepare first"),
+    # once accepted with exit 0
+    (["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number > 0"),
+    (["optimizer.weight_decay=nan"], "optimizer.weight_decay=nan must be a finite number >= 0"),
+    (["model.rope_theta=0"], "model.rope_theta=0.0 must be"),
+    (["optimizer.grad_clip=-1"], "optimizer.grad_clip=-1.0 must be a finite number > 0"),
+    (["model.n_layers=0"], "model.n_layers=0 must be"),
+    (["model.n_layers=-1"], "model.n_layers=-1 must be"),
+    (["optimizer.beta1=2"], "optimizer.beta1=2.0 must be a finite number in [0, 1)"),
+    (["optimizer.eps=-1"], "optimizer.eps=-1.0 must be"),
+    (["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio=2.0 must be a finite number in [0, 1]"),
+    (["optimizer.warmup_steps=-10"], "optimizer.warmup_steps=-10 must be"),
+    (["trainer.spike.threshold=nan"], "trainer.spike.threshold=nan must be"),
+    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every=-1 must be"),
+    (["trainer.checkpoints_to_keep=0"], "trainer.checkpoints_to_keep=0 must be"),
+    (["+trainer.stepz=5"], "unknown config key trainer.stepz (did you mean trainer.steps?)"),
+    (["+foo=bar"], "unknown config key foo"),
+    # and their neighbours
+    (["optimizer.beta2=1"], "optimizer.beta2=1.0 must be a finite number in [0, 1)"),
+    (["optimizer.decay_steps=0"], "optimizer.decay_steps=0 must be a finite number > 0 (or null)"),
+    (["trainer.log_every=0"], "trainer.log_every=0 must be"),
+    (["trainer.spike.decay=1"], "trainer.spike.decay=1.0 must be a finite number in (0, 1)"),
+    (["generate.top_p=0"], "generate.top_p=0.0 must be a finite number in (0, 1]"),
+    (["generate.temperature=-1"], "generate.temperature=-1.0 must be"),
+    (["model.n_kv_heads=0"], "model.n_kv_heads=0 must be a finite number > 0 (or null)"),
+    (["model.init_std=nan"], "model.init_std=nan must be"),
+    (["stage.token_budget=0"], "stage.token_budget=0 must be"),
+    (["plan.mfu=1.5"], "plan.mfu=1.5 must be a finite number in (0, 1]"),
+    (["hardware.num_devices=0"], "hardware.num_devices=0 must be"),
+]
+
+
+def refusal(overrides: list[str]) -> str:
+    """The one line a config is refused with (composition or validation), or '' if accepted."""
+    try:
+        validate(compose_config(*overrides))
+    except ConfigError as ex:
+        return str(ex)
+    return ""
+
+
+@pytest.mark.parametrize("overrides,needle", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_each_bad_value_is_refused_naming_the_key_and_the_rule(overrides, needle):
+    line = refusal(overrides)
+    assert needle in line, line or "accepted"
+    assert "\n" not in line
+
+
+def test_the_shipped_configs_pass_the_same_checks():
+    assert refusal([]) == ""
+    assert refusal(["experiment=xgen_7b_s3_8k", "task=plan"]) == ""
+    assert refusal(["task=eval", "eval=zeroshot"]) == ""
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number > 0"),
+        (["+trainer.stepz=5"], "did you mean trainer.steps?"),
+        (["model.d_modle=5"], "did you mean model.d_model?"),
+        (["hardware=gpu_1"], "hardware=gpu_1 is for gpu devices but JAX sees"),
+        (["hardware=tpu_v4_512", "stage.batch_tokens=65536"], "hardware=tpu_v4_512 is for a multi-host tpu job"),
+    ],
+)
+def test_the_command_line_says_it_in_one_line_and_exits_2(overrides, needle, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "xgen.run", *overrides, "trainer.steps=1", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("xgen: config error:") and needle in lines[0]

@@ -1,0 +1,71 @@
+"""What a resume checks: the command still describes the run that wrote the checkpoint.
+
+A rerun in the same run directory continues from its newest checkpoint. If the resolved
+config differs from the checkpoint's in a key that changes the numbers (the model, the
+data, the schedule, the seed...), continuing would silently produce a different run than
+either command asked for, so it is refused, listing each key as `old -> new`. A deliberate
+change is allowed by naming its keys (or a prefix) in `trainer.allow_changes`, and is then
+recorded in events.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from xgen.config import ConfigError, XGenConfig
+
+# Keys (prefixes) whose change changes what the run computes. Not here: cadence (log and
+# checkpoint intervals), the mesh and hardware (checkpoints restore onto any mesh), and
+# where files are read from or written to.
+RUN_DEFINING = (
+    "model.", "tokenizer.", "data_mix.", "stage.", "optimizer.", "seed",
+    "trainer.steps", "trainer.grad_accum_steps", "trainer.spike.", "trainer.rewarm_steps",
+    "trainer.reset_optimizer", "trainer.init_params_only", "execution.compute_dtype", "hardware.compute_dtype",
+)  # fmt: skip
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": leaf}; lists stay leaves."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _defining(key: str) -> bool:
+    return any(key == p or key.startswith(p) if p.endswith(".") else key == p for p in RUN_DEFINING)
+
+
+def run_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Run-defining keys whose values differ: key -> (checkpoint's, command's)."""
+    old, new = flatten(saved), flatten(json.loads(json.dumps(current)))
+    missing = object()
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if _defining(key) and a != b:
+            changes[key] = (None if a is missing else a, None if b is missing else b)
+    # More steps under a fixed decay length continue the same schedule: the run so far is the same.
+    decay = "optimizer.decay_steps"
+    if "trainer.steps" in changes and decay not in changes and old.get(decay) is not None:
+        del changes["trainer.steps"]
+    return changes
+
+
+def check_resume(saved_config: dict, cfg: XGenConfig, where: str) -> dict[str, tuple[Any, Any]]:
+    """The allowed changes (for the events log); raises ConfigError for any other."""
+    changes = run_changes(saved_config, dataclasses.asdict(cfg))
+    allowed = [a.rstrip(".") for a in cfg.trainer.allow_changes]
+    permitted = lambda key: any(key == a or key.startswith(a + ".") for a in allowed)  # noqa: E731
+    refused = {k: v for k, v in changes.items() if not permitted(k)}
+    if refused:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"resuming {where}: the command changes the run ({listed}); rerun with the checkpoint's values, "
+            f"use a new run directory, or allow it with trainer.allow_changes=[{','.join(refused)}]"
+        )
+    return changes
