@@ -214,24 +214,27 @@ def restore_latest(
     the way of the step that will be saved again."""
     directory = Path(mngr.directory)
     steps, _ = scan(directory)
-    problems = []
+    problems, damaged = [], []
     for step in steps:
         try:
             state, data, meta = _restore_step(mngr, step, abstract_state)
         except ConfigError as ex:
-            why = str(ex)
-            if move_damaged:
-                why += f" (moved to {_move_aside(directory, step, 'damaged_checkpoints')})"
-                mngr.reload()
-            log.error("%s; trying the checkpoint before it", why)
-            problems.append(why)
-            if on_damaged is not None:
-                on_damaged(step, why)
+            log.error("%s; trying the checkpoint before it", ex)
+            problems.append(str(ex))
+            damaged.append((step, str(ex)))
             continue
+        for bad, why in damaged:  # only once a good one is found: a run that fails keeps them all in place
+            if move_damaged:
+                why += f" (moved to {_move_aside(directory, bad, 'damaged_checkpoints')})"
+            if on_damaged is not None:
+                on_damaged(bad, why)
+        if damaged and move_damaged:
+            mngr.reload()
         log.info("restored checkpoint %s/%d", mngr.directory, step)
         return state, data, step, meta
     if problems:
-        raise ConfigError(f"no checkpoint in {mngr.directory} can be restored: {'; '.join(problems)}")
+        more = f" (and {len(problems) - 1} older ones)" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}; no checkpoint in {mngr.directory} can be restored")
     return None
 
 

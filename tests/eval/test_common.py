@@ -80,7 +80,7 @@ def test_truncation_keeps_the_end_the_start_or_both_ends():
 
 @pytest.mark.parametrize(
     "override,needle",
-    [("eval.limit=0", "eval.limit=0 must be positive"), ("eval.batch_size=0", "eval.batch_size=0 must be positive")],
+    [("eval.limit=0", "eval.limit=0 must be a finite number > 0"), ("eval.batch_size=0", "eval.batch_size=0 must be a finite number > 0")],
 )  # fmt: skip
 def test_eval_settings_are_checked_at_start_up(override, needle):
     from tests.conftest import compose_config

@@ -55,3 +55,4 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "over 8 cpu device(s)" in outputs[0]
     np.testing.assert_allclose(losses(multi), losses(single), rtol=2e-5)
+

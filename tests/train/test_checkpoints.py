@@ -65,12 +65,14 @@ def test_resume_is_bit_identical_after_sigkill_at_random_moments(tmp_path):
     assert metrics(killed) == metrics(straight)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_128_plus_the_signal(tmp_path, signum, code):
     run = ("trainer.steps=400", "trainer.log_every=1", "optimizer.decay_steps=400")
     proc = start(tmp_path, *run)
     wait_for_lines(tmp_path, 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-2000:]
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == code, proc.stderr.read()[-2000:]
+    assert "Traceback" not in proc.stderr.read()
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 3 <= saved[0] < 400
     assert max(metrics(tmp_path)) == saved[0]

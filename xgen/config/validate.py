@@ -24,7 +24,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("model.rope_theta", m.rope_theta, ">0"), ("model.init_std", m.init_std, ">0"),
         ("execution.attention_chunk", cfg.execution.attention_chunk, ">0"),
         ("stage.seq_len", s.seq_len, ">0"), ("stage.batch_tokens", s.batch_tokens, ">0"),
-        ("stage.token_budget", s.token_budget, ">0"),
+        ("stage.token_budget", s.token_budget, ">=0"),
         ("optimizer.lr", o.lr, ">0"), ("optimizer.beta1", o.beta1, "[0,1)"), ("optimizer.beta2", o.beta2, "[0,1)"),
         ("optimizer.eps", o.eps, ">0"), ("optimizer.weight_decay", o.weight_decay, ">=0"),
         ("optimizer.grad_clip", o.grad_clip, ">0"), ("optimizer.warmup_steps", o.warmup_steps, ">=0"),

@@ -334,6 +334,7 @@ class Trainer:
 
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
         """Back to the newest checkpoint's model and optimizer; the data goes on after the spike."""
+        mngr.wait_until_finished()  # the newest save committed, so that it is the one restored
         restored = checkpoint.restore_latest(mngr, self.abstract_state, on_damaged=self._damaged, move_damaged=True)
         if restored is None:
             log.warning("loss spike at step %d: no checkpoint to roll back to; the update was skipped", step)
