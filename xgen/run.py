@@ -74,10 +74,13 @@ def _unparsable_override() -> str | None:
 
 
 def _cpu_only_backend(cfg: DictConfig) -> None:
-    """On CPU hardware, keep JAX from probing other backends: with libtpu installed (the
-    `tpu` extra, for task=plan) every start on a CPU machine would print TPU warnings."""
-    if cfg.hardware.get("platform") == "cpu" and "jax" not in sys.modules:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    """Keep JAX from probing backends the hardware does not use: with libtpu installed (the
+    `tpu` extra, for task=plan) every start on a CPU or GPU machine would print TPU warnings.
+    A GPU config keeps the CPU backend beside CUDA (host-side arrays; and on a machine without
+    a GPU, the mesh then refuses it in one line)."""
+    platforms = {"cpu": "cpu", "gpu": "cuda,cpu"}.get(str(cfg.hardware.get("platform")))
+    if platforms and "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", platforms)
 
 
 def _set_host_devices(cfg: DictConfig) -> None:

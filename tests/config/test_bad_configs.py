@@ -91,7 +91,7 @@ def test_the_shipped_configs_pass_the_same_checks():
     [
         (["model.d_modle=5"], "did you mean model.d_model?"),
         (["hardware=gpu_1"], "hardware=gpu_1 is for gpu devices but JAX sees"),
-        (["hardware.num_devices=4"], "hardware=cpu wants 4 devices but JAX sees 1"),
+        (["hardware=cpu_8", "hardware.num_devices=16", "hardware.mesh.fsdp=-1", "stage.batch_tokens=1024"], "hardware=cpu_8 wants 16 devices but JAX sees 8"),
         (["hardware=tpu_v4_512", "stage.batch_tokens=65536"], "hardware=tpu_v4_512 is for a multi-host tpu job"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Checkpoints: kill -9 and SIGTERM mid-run, restore on another mesh, retention, rollback."""
+"""Checkpoints: kill -9 and SIGTERM mid-run, restore on another mesh (8 devices to 1), retention, rollback."""
 
 import json
 import os
@@ -79,14 +79,13 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_128_plus_the_signal(tmp_
 
 
 @pytest.mark.slow
-def test_checkpoint_from_eight_devices_restores_on_one_and_on_another_layout(tmp_path):
+def test_checkpoint_from_eight_devices_restores_on_one(tmp_path):
     common = (*FAST, "trainer.log_every=1", "optimizer.decay_steps=6")
     straight = tmp_path / "straight"
     straight.mkdir()
     run_task(compose_config(*common, "trainer.steps=6"), straight)
     mixed = ("hardware=cpu_8", "hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2")
-    fsdp = ("hardware=cpu_8", "hardware.mesh.data=1", "hardware.mesh.fsdp=8", "hardware.mesh.tensor=1")
-    for name, second in (("one", ("hardware=cpu",)), ("fsdp", fsdp)):
+    for name, second in (("one", ("hardware=cpu",)),):
         run_dir = tmp_path / name
         run_dir.mkdir()
         run_task(compose_config(*common, *mixed, "trainer.steps=3"), run_dir)

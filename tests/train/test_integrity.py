@@ -175,3 +175,27 @@ def test_checkpoints_to_keep_must_keep_one(tmp_path):
 
     with pytest.raises(ConfigError, match="trainer.checkpoints_to_keep=0 must be a finite number > 0"):
         validate(compose_config(*FAST, "trainer.checkpoints_to_keep=0"))
+
+
+def test_a_non_finite_state_is_never_saved_and_the_run_ends_in_an_error(tmp_path, monkeypatch):
+    """Parameters that went NaN (as a restore of damaged bytes once gave): no checkpoint of
+    that state is written, so retention keeps the last good one, and the run fails loudly."""
+    import jax
+    import jax.numpy as jnp
+
+    from xgen.train.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_task(compose_config(*FAST, "trainer.steps=2", "trainer.checkpoints_to_keep=1"), run_dir)
+    restore = Trainer._restore
+
+    def poisoned(self, mngr, batches):
+        state = restore(self, mngr, batches)
+        return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+
+    monkeypatch.setattr(Trainer, "_restore", poisoned)
+    with pytest.raises(SystemExit, match=r"not finite; not saved \(newest good checkpoint: step 2\)"):
+        run_task(compose_config(*FAST, "trainer.steps=6", "trainer.checkpoints_to_keep=1"), run_dir)
+    assert checkpoint.latest_step(run_dir / "checkpoints") == 2
+    assert {e["step"] for e in events(run_dir) if e["event"] == "checkpoint_refused"} == {4, 6}

@@ -362,6 +362,9 @@ class PlanConfig:
     """`task=plan`: the MFU at which step time and throughput are projected."""
 
     mfu: float = 0.45
+    # TPU slices: also compile the Engine's decoding step (serve.max_batch rows over a full
+    # KV cache) and report its per-chip memory.
+    generate: bool = True
 
 
 @dataclass

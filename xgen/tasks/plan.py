@@ -115,7 +115,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         "tokens_per_s": stage.batch_tokens / step_s if step_s else None,
     }
     plan["verdict"] = _advice(plan, cfg)
-    if hw.tpu_topology:
+    if hw.tpu_topology and cfg.plan.generate:
         plan["generate"] = _generate_plan(cfg, runtime)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "unknown"  # noqa: E731
