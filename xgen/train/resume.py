@@ -37,7 +37,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _defining(key: str) -> bool:
-    return any(key == p or key.startswith(p) if p.endswith(".") else key == p for p in RUN_DEFINING)
+    """A prefix ending in "." covers a section; any other entry is one exact key."""
+    return any(key.startswith(p) if p.endswith(".") else key == p for p in RUN_DEFINING)
 
 
 def run_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
