@@ -93,6 +93,8 @@ def test_the_shipped_configs_pass_the_same_checks():
         (["hardware=gpu_1"], "hardware=gpu_1 is for gpu devices but JAX sees"),
         (["hardware=cpu_8", "hardware.num_devices=16", "hardware.mesh.fsdp=-1", "stage.batch_tokens=1024"], "hardware=cpu_8 wants 16 devices but JAX sees 8"),
         (["hardware=tpu_v4_512", "stage.batch_tokens=65536"], "hardware=tpu_v4_512 is for a multi-host tpu job"),
+        # Needs the data (lengths only), so it comes after validation, still before the model.
+        (["data_mix.min_doc_tokens=100000000"], "part python_docs has no documents (dropped: {'min_doc_tokens': "),
     ],
 )
 def test_the_command_line_says_it_in_one_line_and_exits_2(overrides, needle, tmp_path):
@@ -103,3 +105,4 @@ def test_the_command_line_says_it_in_one_line_and_exits_2(overrides, needle, tmp
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("xgen: config error:") and needle in lines[0]
+    assert "parameters | mesh" not in proc.stdout  # refused before the model was built

@@ -11,10 +11,13 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     import jax
 
     from xgen.data import build_pipeline
+    from xgen.runtime import Runtime
     from xgen.tokenizer import Tokenizer
     from xgen.train.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir)  # the mesh and the model first: a wrong machine fails before the data
+    # The mesh first (a wrong machine fails at once), then the data (a filter that empties a
+    # part fails in seconds), then the model, its state and the compiled step (the slow part).
+    runtime = Runtime.of(cfg)
     pipeline = build_pipeline(
         cfg.data_mix,
         cfg.stage,
@@ -23,6 +26,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    trainer = Trainer(cfg, run_dir, runtime=runtime)
     if jax.process_index() == 0:
         pipeline.write_report(run_dir)  # what each part holds, weighs and lost: data_mix.json
     return trainer.fit(pipeline)

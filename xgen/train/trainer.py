@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from xgen.data.batches import Batches, BatchSource
 from xgen.runtime import Runtime
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
+from xgen.train.preemption import StopRequest
 from xgen.train.resume import check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
 from xgen.train.throughput import flops_per_token, measure_matmul_peak
@@ -75,24 +75,6 @@ def first_step(cfg: XGenConfig, run_dir: Path) -> int:
 def _params_only(cfg: XGenConfig) -> bool:
     """Whether init_from contributes parameters alone (fresh optimizer, step 0)."""
     return cfg.trainer.init_params_only or not checkpoint.has_optimizer_state(cfg.trainer.init_from)
-
-
-class _SignalFlag:
-    """Turns signals into a flag the loop checks between steps (main thread only): SIGTERM
-    (a preempted VM, a scheduler's limit) and SIGINT (Ctrl-C) both end the run after the
-    current step with a checkpoint. `raised` is the signal number, 0 before any."""
-
-    def __init__(self, *signums: int):
-        self.raised, self._previous = 0, {}
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in signums}
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = signum
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 class _Window:
@@ -217,21 +199,22 @@ class Trainer:
                 log.warning("resuming with changes allowed by trainer.allow_changes: %s", changes)
                 self._pending_events.append({"event": "config_change", "step": start, "changes": changes})
             self._flush_events(metrics_log)
-            stop = _SignalFlag(signal.SIGTERM, signal.SIGINT)
+            stop = StopRequest()
             cleanup.callback(stop.restore)
             train_t0 = time.perf_counter()
-            step, last = self._loop(compiled, state, start, train_t0, data, batches, mngr, metrics_log, stop)
+            step, last, stopped = self._loop(compiled, state, start, train_t0, data, batches, mngr, metrics_log, stop)
             mngr.wait_until_finished()
-        if stop.raised:
-            name = signal.Signals(stop.raised).name
+        if stopped:
+            name = signal.Signals(stop.signum).name
             log.warning("%s: saved a checkpoint at step %d of %d; run the same command to resume", name, step, self.steps)
-            raise SystemExit(128 + stop.raised)
+            raise SystemExit(128 + stop.signum)
         return self._summary(start, last, t_start, train_t0)
 
     def _loop(
         self, compiled, state, start: int, train_t0: float, data: BatchSource, batches: Batches, mngr, metrics_log, stop
-    ) -> tuple[int, dict | None]:
-        """Steps from `start` to the end (or a SIGTERM); returns (last step, last logged metrics)."""
+    ) -> tuple[int, dict | None, bool]:
+        """Steps from `start` to the end or a stop request; returns (last step, last logged
+        metrics, whether it stopped early)."""
         cfg = self.cfg
         window = _Window(start)
         pending: list = []  # (step, data index, outputs) not yet checked for events
@@ -244,6 +227,7 @@ class Trainer:
             state, out = compiled(state, self._global_batch(next(batches)))
             step += 1
             data_index += 1
+            stopping = stop.at(step)  # the same step on every process
             pending.append((step, data_index - 1, out))
             window.add(out)
             if cfg.trainer.spike.policy == "rollback" and bool(out["spike"]):
@@ -251,17 +235,19 @@ class Trainer:
                 pending = []
                 state, step = self._rollback(mngr, state, step, metrics_log)
                 window = _Window(step)  # metrics of the discarded steps leave the averages
+                if stopping:
+                    return step, last, True  # the step rolled back to is the saved one
                 continue
-            if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stop.raised:
+            if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stopping:
                 self._events(metrics_log, pending)
                 pending = []
                 last = self._log_window(window, step, start, train_t0, data, metrics_log)
                 window = _Window(step)
-            if step == self.steps or stop.raised or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
+            if step == self.steps or stopping or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
                 self._save(mngr, state, batches, metrics_log)
-            if stop.raised:
-                break
-        return step, last
+            if stopping:
+                return step, last, step < self.steps
+        return step, last, False
 
     def _save(self, mngr, state: TrainState, batches: Batches, metrics_log: MetricsLog) -> None:
         """A checkpoint of a finite state; a non-finite one is never saved (so retention cannot
