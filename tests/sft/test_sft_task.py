@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = (
     "~sft.sources.scrolls", "~sft.sources.baize", "~sft.sources.oasst", "~sft.sources.sharegpt",
     "sft.system_header=false", "chat_template.system=", "stage.seq_len=64", "stage.batch_tokens=1024",
-    "sft.epochs=60", "optimizer.lr=1e-2", "sft.heldout=8", "trainer.log_every=50",
+    "sft.epochs=40", "optimizer.lr=1e-2", "sft.heldout=8", "trainer.log_every=50",
 )  # fmt: skip
 
 
