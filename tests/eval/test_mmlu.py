@@ -39,7 +39,7 @@ DEV = [
 ]
 TEST_Q = Question("Find the order of S_3.", ("3", "6", "9", "12"), "B")
 EXPECTED_2_SHOT = (
-    "The following are multiple choice questions (with answers) about abstract algebra.\n"
+    "The following are multiple choice questions (with answers) about  abstract algebra.\n"
     "\n"
     "What is 1+1?\n"
     "A. 1\n"
@@ -85,7 +85,79 @@ def test_the_two_shot_prompt_is_the_originals_character_for_character(tokenizer)
     item = build_item(tokenizer, 1000, "abstract_algebra", DEV, TEST_Q, 2)
     assert item.prompt == EXPECTED_2_SHOT
     assert item.ids == tokenizer.encode(EXPECTED_2_SHOT) and item.shots == 2 and item.answer == "B"
-    assert gen_prompt(DEV, "abstract_algebra", 0).endswith("about abstract algebra.\n\n")
+    assert gen_prompt(DEV, "abstract_algebra", 0).endswith("about  abstract algebra.\n\n")  # two spaces
+
+
+# Cells as the public files hold them: choices that pandas reads as NaN ("None", "NA", ""),
+# integer columns ("007"), integers beside an NA or a fraction (printed "2.0"), exponents,
+# quoted commas and newlines, non-ASCII text.
+ODD_ROWS = [
+    ["Which is prime?", "4", "6", "007", "9", "C"],
+    ["Pick none.", "None", "NA", "", "all of the above", "A"],
+    ["Pick 2.", "2", "2.5", "1e3", "-0", "A"],
+    ['Quote "this", then a comma, then\na newline.', "a, b", "c\nd", "é", "中文", "D"],
+    ["Numbers again?", "1", "2", "3", "null", "B"],
+]
+
+
+def write_odd_mmlu(root: Path, subjects) -> Path:
+    import csv
+
+    for split, n in (("dev", 5), ("test", 7)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for k, subject in enumerate(subjects):
+            if k % 2:  # numeric choices, as abstract_algebra's: pandas types these columns
+                rows = [[f"{subject} {split} q{i}?", str(i), f"{2 * i:03d}", f"{i}.5", str(3 * i), "ABCD"[i % 4]] for i in range(n)]
+            else:
+                rows = [[f"{subject} {split} q{i}?", *(f"{subject} {L} {i}" for L in "ABCD"), "ABCD"[i % 4]] for i in range(n)]
+            rows[k % n] = ODD_ROWS[k % len(ODD_ROWS)]  # each subject gets one odd row, in another place
+            if k % 3 == 0:
+                rows[(k + 1) % n] = ODD_ROWS[(k + 2) % len(ODD_ROWS)]
+            with open(root / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(rows)
+    return root
+
+
+def test_prompts_equal_the_original_evaluate_py_on_every_subject_with_pandas_reading_the_files(tokenizer, tmp_path):
+    """xgen's MMLU prompts against the original code (tests/eval/reference, transcribed from
+    hendrycks/test), run on pandas-read files with the cells that pandas retypes, for each
+    of the 57 subject names, at a length that fits every shot and one that drops some."""
+    pytest.importorskip("pandas")
+    from tests.eval.reference import hendrycks_evaluate as original
+
+    subjects = sorted(SUBCATEGORIES)
+    assert len(subjects) == 57
+    root = write_odd_mmlu(tmp_path / "mmlu", subjects)
+    dropped = 0
+    for budget in (10**6, 160):  # every shot fits; some shots dropped (zero shots always fit)
+        crop = lambda p: p if len(tokenizer.encode(p)) <= budget else p[:-1]  # noqa: E731 - stands in for crop.py
+        for subject in subjects:
+            want = original.prompts(root, subject, 5, crop)
+            dev, test = read_split(root, "dev", subject), read_split(root, "test", subject)
+            got = [build_item(tokenizer, budget, subject, dev, q, 5) for q in test]
+            assert [(it.prompt, it.answer) for it in got] == want, subject
+            dropped += sum(it.shots < 5 for it in got)
+    assert dropped > 0
+
+
+def test_cells_are_typed_as_pandas_types_them(tmp_path):
+    """`as_pandas_text` against pandas itself, on random columns of the values pandas retypes."""
+    pd = pytest.importorskip("pandas")
+    import csv
+    import io
+    import random
+
+    from xgen.eval.mmlu import as_pandas_text
+
+    pool = ["7", " 7", "+5", "-3", "007", "-0", "1e3", ".5", "5.", "-0.0", "2.50", "inf", "-inf", "Infinity", "nan",
+            "None", "NA", "N/A", "null", "", "1_000", "0x10", "True", "abc", "x y", "12345678901234567", "1.5e400"]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(400):
+        column = [rng.choice(pool) for _ in range(rng.randint(1, 5))]
+        buf = io.StringIO()
+        csv.writer(buf).writerows(["q", v, "b", "c", "d", "A"] for v in column)
+        df = pd.read_csv(io.StringIO(buf.getvalue()), header=None)
+        assert as_pandas_text(column) == ["{}".format(df.iloc[i, 1]) for i in range(len(column))], column
 
 
 def test_shots_are_dropped_one_by_one_until_the_prompt_fits_the_engine(tokenizer, tiny):

@@ -443,6 +443,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     batch_size: int = 8  # sequences per forward pass
     limit: Optional[int] = None  # items per task or subject, for quick runs
+    # A split without items (or MMLU dev rows fewer than `shots`) is an error unless true.
+    allow_empty: bool = False
     # Sampling, for benchmarks that generate (humaneval, summarization, judged evals).
     n_samples: int = 1  # per problem (HumanEval pass@k: the report's n=200)
     temperature: float = 0.0

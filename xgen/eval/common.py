@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import itertools
 import json
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -30,6 +32,24 @@ def require_file(path: str | Path, what: str, setting: str = "eval.data_path") -
     return path
 
 
+def read_text(path: Path, what: str) -> str:
+    """A file's UTF-8 text (gunzipped if it ends in .gz); a damaged gzip stream or a byte that
+    is not UTF-8 is one line naming the file (and the line)."""
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path) as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or a bad CRC
+        raise ConfigError(f"{what}: {path} cannot be read as gzip ({e or type(e).__name__})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what}: {path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
 def read_records(path: str | Path, what: str) -> list[dict]:
     """Rows of a JSON Lines (optionally .gz), JSON array or Parquet file, as dicts; a line that
     is not a JSON object is one error naming the file and line."""
@@ -41,11 +61,12 @@ def read_records(path: str | Path, what: str) -> list[dict]:
         except ImportError as e:  # pragma: no cover - pyarrow is in the dev and parquet extras
             raise ConfigError(f"{what}: {path} is Parquet; install xgen[parquet]") from e
         return pq.read_table(path).to_pylist()
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, what)
     if name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{what}: {path} line {e.lineno} is not JSON ({e.msg})") from None
         if not all(isinstance(r, dict) for r in rows):
             raise ConfigError(f"{what}: {path} is a JSON array but not of objects")
         return rows
@@ -63,21 +84,95 @@ def read_records(path: str | Path, what: str) -> list[dict]:
     return rows
 
 
+def data_fingerprint(path: str | Path, suffixes: tuple[str, ...] = ()) -> str:
+    """sha256 over a benchmark's files (a file, or every file under a directory, or those
+    ending in `suffixes`, with its relative path): a result is reused only for the data
+    that made it."""
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and (not suffixes or p.name.endswith(suffixes)))
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(root) if p != root else p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def model_identity(checkpoint_path: str | Path) -> dict:
+    """Which model a result belongs to, known without loading it: an xgen checkpoint's
+    parameter fingerprints (taken at save and verified when the model loads), with its
+    directory and step; or a Hugging Face directory's config and weight files."""
+    from xgen import checkpoint
+
+    if checkpoint_path is None:
+        raise ConfigError("task=eval needs checkpoint=<run dir, checkpoint dir or Hugging Face dir>")
+    path = Path(checkpoint_path).resolve()
+    if not path.exists():
+        raise ConfigError(f"checkpoint={checkpoint_path}: no such directory")
+    if (path / "config.json").is_file():
+        return {"checkpoint": str(path), "step": None, "params": data_fingerprint(path, ("config.json", ".safetensors", ".bin"))}
+    directory, step = checkpoint.newest(path)
+    recorded = checkpoint.read_meta_at(directory, step).get("fingerprints") or {}
+    prints = sorted((k, v) for k, v in recorded.items() if k.startswith("['params']"))
+    if not prints:
+        log.warning("checkpoint %s/%d has no fingerprints: its results are tied to its path and step only", directory, step)
+    digest = hashlib.sha256(json.dumps(prints).encode()).hexdigest()[:16] if prints else None
+    return {"checkpoint": str(directory), "step": step, "params": digest}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key old -> new` for each leaf that differs between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
+
+
+
 class ItemStore:
     """Finished items of one benchmark in `<run_dir>/<name>_partial.jsonl`, appended as they
-    finish; a rerun in the same run directory with the same `settings` skips them."""
+    finish. Each record carries the identity of what made it: the model (its parameters'
+    fingerprint, path and step), the data's fingerprint and every setting that changes a
+    score. A rerun reuses only records of the same identity; any others are counted and
+    logged with what differs, and moved aside with the file (`<name>_partial.stale-N.jsonl`)."""
 
-    def __init__(self, path: Path | None, settings: dict[str, Any]):
-        self.path, self.settings = path, json.loads(json.dumps(settings))  # JSON-normal form
+    def __init__(self, path: Path | None, settings: dict[str, Any], *, model: dict | None = None, data: str | None = None):
+        self.path = path
+        self.identity = json.loads(json.dumps({"model": model, "data": data, "settings": settings}))  # JSON-normal form
         self.done: dict[str, dict] = {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the interruption we resume from
-                    continue
-                if isinstance(record, dict) and record.get("_settings") == self.settings:
-                    self.done[record["_id"]] = record["result"]
+        if path is None or not path.exists():
+            return
+        stale, other = 0, None
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption we resume from
+                continue
+            if not isinstance(record, dict) or "_id" not in record:
+                continue
+            if record.get("_identity") == self.identity:
+                self.done[record["_id"]] = record["result"]
+            else:
+                stale += 1
+                other = other or record.get("_identity")
+        if stale:
+            aside = next(path.with_name(f"{path.stem}.stale-{k}.jsonl") for k in itertools.count(1)
+                         if not path.with_name(f"{path.stem}.stale-{k}.jsonl").exists())  # fmt: skip
+            path.rename(aside)
+            what = "; ".join(_differences(other, self.identity)) if isinstance(other, dict) else "written before results carried their identity"
+            log.warning(
+                "%s: %d result(s) were made by another model, data or settings (%s); not reused, moved to %s",
+                path, stale, what, aside.name,
+            )
+            for item_id, result in self.done.items():
+                self._append(item_id, result)
         if self.done:
             log.info("resuming: %d item(s) already done in %s", len(self.done), path)
 
@@ -89,9 +184,12 @@ class ItemStore:
 
     def add(self, item_id: str, result: Any) -> None:
         self.done[item_id] = result
+        self._append(item_id, result)
+
+    def _append(self, item_id: str, result: Any) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"_id": item_id, "_settings": self.settings, "result": result}) + "\n")
+                f.write(json.dumps({"_id": item_id, "_identity": self.identity, "result": result}) + "\n")
 
 
 class Progress:
@@ -167,9 +265,21 @@ def model_label(cfg) -> str:
     return path.name or str(path)
 
 
+def score_settings(cfg) -> dict:
+    """What every model-scored number depends on beyond the benchmark's own settings: the
+    tokenizer, the context asked for, and how the model runs (kernel, dtypes as resolved)."""
+    from xgen.runtime import compute_dtype_name
+
+    execution = {k: v for k, v in dataclasses.asdict(cfg.execution).items() if k != "name"}
+    compute = compute_dtype_name(cfg.execution, cfg.hardware)
+    execution.update(compute_dtype=compute, kv_cache_dtype=cfg.execution.kv_cache_dtype or compute)
+    return {"tokenizer": cfg.tokenizer.name, "max_len": cfg.generate.max_len, "execution": execution}
+
+
 def write_result(run_dir: Path, cfg, result: dict, table: str) -> dict:
-    """`<eval.name>.json` (the result plus which benchmark, kind and checkpoint) and
-    `<eval.name>.md`, and the table on stdout."""
+    """`<eval.name>.json` (the result plus which benchmark, kind and checkpoint, and, under
+    `identity`, the model, data and settings that made it) and `<eval.name>.md`, and the
+    table on stdout."""
     # How the numbers were computed (kernel, dtypes), beside which model: execution is the command's.
     execution = dataclasses.asdict(cfg.execution)
     result = {"benchmark": cfg.eval.name, "kind": cfg.eval.kind, "checkpoint": str(cfg.checkpoint), "execution": execution, **result}

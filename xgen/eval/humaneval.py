@@ -30,10 +30,13 @@ from xgen.eval.common import (
     Progress,
     batched,
     check_truncation,
+    data_fingerprint,
     input_budget,
     markdown,
+    model_identity,
     model_label,
     read_records,
+    score_settings,
     truncate_tokens,
     write_result,
 )
@@ -260,9 +263,11 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         "max_input_tokens": ev.max_input_tokens,
         "truncation": ev.truncation,
         "sandbox": {"timeout_s": ev.sandbox.timeout_s, "cpu_s": ev.sandbox.cpu_s, "memory_mb": ev.sandbox.memory_mb},
-        "checkpoint": str(cfg.checkpoint),
     }
-    store = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings)
+    store = ItemStore(
+        run_dir / f"{ev.name}_partial.jsonl", {**settings, **score_settings(cfg)},
+        model=model_identity(cfg.checkpoint), data=data_fingerprint(ev.data_path),
+    )  # fmt: skip
     complete = None
     if any(p.task_id not in store for p in problems):
         from xgen.generate.load import load_engine
@@ -283,10 +288,11 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     samples_path = run_dir / f"{ev.name}_samples.jsonl"
     write_samples(samples_path, problems, store)
     result = {
-        **{k: v for k, v in settings.items() if k != "checkpoint"},
+        **settings,
         "samples_file": samples_path.name,
         "network_isolated": network_isolated,  # None: every problem was resumed
         **result,
+        "identity": store.identity,
     }
     result = write_result(run_dir, cfg, result, markdown_table(result, model_label(cfg)))
     log.info("HumanEval: %s over %d problems; written to %s", result["pass@k"], result["problems"], run_dir)

@@ -35,11 +35,14 @@ from xgen.eval.common import (
     Progress,
     batched,
     check_truncation,
+    data_fingerprint,
     input_budget,
     markdown,
+    model_identity,
     model_label,
     read_records,
     require_file,
+    score_settings,
     truncate_tokens,
     write_result,
 )
@@ -446,12 +449,14 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     items, mt_refs = read_items(cfg)  # before the model: bad data and settings fail fast
     if not items:
         raise ConfigError(f"{ev.data_path}: no items")
-    settings = answer_settings(cfg)
-    answers = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings)
+    settings = {**answer_settings(cfg), **score_settings(cfg)}
+    data = data_fingerprint(ev.data_path) + (f"+{data_fingerprint(ev.reference_path)}" if ev.reference_path else "")
+    model_id = model_identity(cfg.checkpoint)
+    answers = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings, model=model_id, data=data)
     generate_answers(cfg, items, answers)
     judge_settings = {**settings, "judge_model": ev.judge.model, "judge_temperature": ev.judge.temperature,
                       "judge_max_tokens": ev.judge.max_tokens, "references": mt_refs is not None}  # fmt: skip
-    verdicts = ItemStore(run_dir / f"{ev.name}_judged_partial.jsonl", judge_settings)
+    verdicts = ItemStore(run_dir / f"{ev.name}_judged_partial.jsonl", judge_settings, model=model_id, data=data)
     judge_answers(cfg, items, answers, verdicts, mt_refs)
 
     model = model_label(cfg)
@@ -461,7 +466,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         f.writelines(json.dumps(answer_file_row(kind, it, a, v, model), ensure_ascii=False) + "\n" for it, a, v in pairs)
     summary = SUMMARIZE[kind](records)
     result = {"judge": {"model": ev.judge.model, "base_url": ev.judge.base_url}, **summary,
-              "unparseable_ids": [r["id"] for r in records if _unreadable(kind, r)]}  # fmt: skip
+              "unparseable_ids": [r["id"] for r in records if _unreadable(kind, r)], "identity": answers.identity}  # fmt: skip
     return write_result(run_dir, cfg, result, table(kind, summary, model, ev.judge.model))
 
 

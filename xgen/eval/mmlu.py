@@ -1,7 +1,7 @@
 """MMLU exactly as Hendrycks et al.'s evaluate.py runs it, so numbers compare with Table 4/5.
 
-The prompt is the original's, character for character (including `format_subject`'s leading
-space); the k shots are the subject's first k dev rows, dropped one at a time while the prompt
+The prompt is the original's, character for character: `format_subject`'s leading space
+(two spaces after "about"), and each cell as pandas reads it ("None" prints "nan"); the k shots are the subject's first k dev rows, dropped one at a time while the prompt
 does not fit; the prediction is the letter among " A".." D" with the highest next-token
 log-probability. Accuracy is reported per subject, per category (the MMLU repo's
 categories.py) and as the average over all questions, each weighing one.
@@ -12,13 +12,24 @@ The model is behind `predict(items) -> letters`, so aggregation is testable with
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from xgen.config import ConfigError
-from xgen.eval.common import ItemStore, Progress, markdown, model_label, write_result
+from xgen.eval.common import (
+    ItemStore,
+    Progress,
+    data_fingerprint,
+    markdown,
+    model_identity,
+    model_label,
+    score_settings,
+    write_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +98,65 @@ class Item:
     shots: int  # examples that fitted
 
 
+# pandas' default NA strings (`pandas._libs.parsers.STR_NA_VALUES`).
+PANDAS_NA = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})  # fmt: skip
+_INT = re.compile(r"\s*[+-]?\d+\s*")
+_FLOAT = re.compile(r"\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*", re.IGNORECASE)
+
+
+def _int64(v: str) -> bool:
+    return -(2**63) <= int(v) < 2**63
+
+
+def as_pandas_text(column: Sequence[str]) -> list[str]:
+    """What `"{}".format(df.iloc[i, j])` gives for each cell of one column, as the original's
+    `pd.read_csv(path, header=None)` types it: NA strings ("None", "NA", "") read as NaN and
+    print "nan"; a column of integers is int64 ("007" -> "7"); integers beside an NA, or beside
+    numbers with a fraction or an exponent, are float64 ("2" -> "2.0", "1e3" -> "1000.0");
+    any other column is text as written. Checked against pandas in tests/eval/test_mmlu.py."""
+    present = [v for v in column if v not in PANDAS_NA]
+    integers = all(_INT.fullmatch(v) for v in present)
+    if present and integers and len(present) == len(column) and all(_int64(v) for v in present):
+        return [str(int(v)) for v in present]
+    if all(_FLOAT.fullmatch(v) for v in present) and all(_int64(v) for v in present if _INT.fullmatch(v)):
+        # Integers with an NA are read as int64, then cast; other numbers parse as floats.
+        return ["nan" if v in PANDAS_NA else repr(float(int(v) if integers else v.strip())) for v in column]
+    return ["nan" if v in PANDAS_NA else v for v in column]
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as ex:
+        row = data[: ex.start].count(b"\n") + 1
+        raise ConfigError(f"MMLU: {path} line {row} is not UTF-8 (byte 0x{data[ex.start]:02x} at offset {ex.start})") from None
+
+
 def read_split(data_path: str | Path, split: str, subject: str) -> list[Question]:
+    """One subject's split as the original reads it (pandas, no header): each choice column
+    typed as pandas types it (`as_pandas_text`), so the prompts are the original's even for
+    choices like "None" or "2" beside "2.5". Anything the original would crash on or misread
+    (a row without six fields, an empty question, an answer that is not A-D) is one line."""
     path = Path(data_path) / split / f"{subject}_{split}.csv"
     if not path.is_file():
         raise ConfigError(f"MMLU: {subject}'s {split} split not found: expected {path} (eval.data_path={data_path})")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r]
-    bad = next((i for i, r in enumerate(rows) if len(r) != 6 or r[5].strip() not in LETTERS), None)
-    if bad is not None:
-        raise ConfigError(f"MMLU: {path} row {bad + 1} is not question,A,B,C,D,answer-letter")
-    return [Question(r[0], (r[1], r[2], r[3], r[4]), r[5].strip()) for r in rows]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(_decode(path), newline="")) if r]
+    except csv.Error as ex:
+        raise ConfigError(f"MMLU: {path}: not a CSV file ({ex})") from None
+    for i, r in enumerate(rows):
+        if len(r) != 6:
+            raise ConfigError(f"MMLU: {path} row {i + 1} has {len(r)} fields, not question,A,B,C,D,answer")
+        if r[0] in PANDAS_NA:
+            raise ConfigError(f"MMLU: {path} row {i + 1} has no question ({r[0]!r} reads as NaN)")
+        if r[5] not in LETTERS:
+            raise ConfigError(f"MMLU: {path} row {i + 1}: answer {r[5]!r} is not one of A, B, C, D")
+    choices = list(zip(*(as_pandas_text([r[j] for r in rows]) for j in range(1, 5))))
+    return [Question(r[0], tuple(c), r[5]) for r, c in zip(rows, choices)]
 
 
 def subjects_in(data_path: str | Path) -> list[str]:
@@ -111,7 +171,8 @@ def subjects_in(data_path: str | Path) -> list[str]:
 
 
 def format_subject(subject: str) -> str:
-    """The original's: every word prefixed by a space (so the header has exactly one)."""
+    """The original's: every word prefixed by a space, so that the header, which adds its
+    own space before it, reads "about  abstract algebra." with two."""
     return "".join(" " + word for word in subject.split("_"))
 
 
@@ -122,7 +183,7 @@ def format_example(q: Question, include_answer: bool = True) -> str:
 
 
 def gen_prompt(dev: Sequence[Question], subject: str, k: int) -> str:
-    header = f"The following are multiple choice questions (with answers) about{format_subject(subject)}.\n\n"
+    header = "The following are multiple choice questions (with answers) about {}.\n\n".format(format_subject(subject))
     return header + "".join(format_example(q) for q in dev[:k])
 
 
@@ -190,6 +251,29 @@ def summarize(per_subject: dict[str, dict]) -> dict:
     }
 
 
+def read_subjects(
+    data_path: str | Path, subjects: Sequence[str], shots: int, max_questions: int | None = None, allow_empty: bool = False
+) -> dict[str, tuple[list[Question], list[Question]]]:
+    """Every subject's (dev, test) split, read and checked before any model loads. A test
+    split without questions, or a dev split with fewer rows than `shots` (which would make
+    5-shot quietly fewer-shot), is an error unless `allow_empty` (the subject is then skipped,
+    or runs with the shots it has, and the result says so)."""
+    splits = {}
+    for s in subjects:
+        dev = read_split(data_path, "dev", s) if shots > 0 else []
+        test = read_split(data_path, "test", s)[:max_questions]
+        where = Path(data_path)
+        if not test and not allow_empty:
+            raise ConfigError(f"MMLU: {where / 'test' / f'{s}_test.csv'} has no questions (eval.allow_empty=true skips the subject)")
+        if len(dev) < shots and not allow_empty:
+            raise ConfigError(
+                f"MMLU: {where / 'dev' / f'{s}_dev.csv'} has {len(dev)} rows, fewer than eval.shots={shots} "
+                "(eval.allow_empty=true runs it with fewer shots)"
+            )
+        splits[s] = (dev, test)
+    return splits
+
+
 def evaluate(
     data_path: str | Path,
     tokenizer,
@@ -201,19 +285,25 @@ def evaluate(
     chunk: int = 8,
     partial_path: Path | None = None,
     subjects: Sequence[str] | None = None,
+    splits: dict[str, tuple[list[Question], list[Question]]] | None = None,
+    model: dict | None = None,
+    settings: dict | None = None,
 ) -> dict:
-    """Run every subject under `data_path`; `max_tokens` bounds a prompt (the engine's
-    max_len: the letters are read at the prompt's last position). Finished subjects go to
-    `partial_path` as they complete and are skipped when it already holds them."""
+    """Run every subject under `data_path` (or the `splits` already read); `max_tokens`
+    bounds a prompt (the engine's max_len: the letters are read at the prompt's last
+    position). Finished subjects go to `partial_path` as they complete, keyed by `model`
+    (`load.model_identity`), the data's fingerprint and the settings, and are reused only
+    when all three match."""
     subjects = list(subjects or subjects_in(data_path))
-    key = {"shots": shots, "max_questions": max_questions}
-    store = ItemStore(partial_path, key)
+    splits = splits if splits is not None else read_subjects(data_path, subjects, shots, max_questions)
+    key = {"shots": shots, "max_questions": max_questions, "max_tokens": max_tokens, **(settings or {})}
+    store = ItemStore(partial_path, key, model=model, data=data_fingerprint(data_path))
+    skipped = [s for s in subjects if not splits[s][1]]
+    for s in skipped:
+        log.warning("MMLU: %s has no test questions; skipped (eval.allow_empty)", s)
+    subjects = [s for s in subjects if s not in skipped]
     per_subject = {s: store.get(s) for s in subjects if s in store}
-    todo = {}
-    for s in subjects:
-        if s not in per_subject:
-            dev = read_split(data_path, "dev", s) if shots > 0 else []
-            todo[s] = (dev, read_split(data_path, "test", s)[:max_questions])
+    todo = {s: splits[s] for s in subjects if s not in per_subject}
     progress = Progress("mmlu questions", sum(len(t) for _, t in todo.values()))
     for subject, (dev, test) in todo.items():
         items = [build_item(tokenizer, max_tokens, subject, dev, q, shots) for q in test]
@@ -232,7 +322,8 @@ def evaluate(
         }
         store.add(subject, per_subject[subject])
     per_subject = {s: per_subject[s] for s in subjects}
-    return {"shots": shots, "max_questions": max_questions, "subjects": per_subject, **summarize(per_subject)}
+    result = {"shots": shots, "max_questions": max_questions, "subjects": per_subject, **summarize(per_subject)}
+    return {**result, **({"skipped_empty": skipped} if skipped else {}), "identity": store.identity}
 
 
 def markdown_table(result: dict, model: str = "model") -> str:
@@ -248,7 +339,10 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=mmlu_5shot|mmlu_0shot`: mmlu_*.json/.md in `run_dir`, resumable."""
     from xgen.generate.load import load_engine
 
-    subjects = subjects_in(cfg.eval.data_path)  # before loading the model: fail fast on missing data
+    # Every file read and checked before the model loads: bad data fails in seconds.
+    subjects = subjects_in(cfg.eval.data_path)
+    splits = read_subjects(cfg.eval.data_path, subjects, cfg.eval.shots, cfg.eval.limit, cfg.eval.allow_empty)
+    model = model_identity(cfg.checkpoint) if cfg.checkpoint else None
     engine = load_engine(cfg)
     result = evaluate(
         cfg.eval.data_path,
@@ -260,6 +354,9 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         chunk=cfg.eval.batch_size,
         partial_path=run_dir / f"{cfg.eval.name}_partial.jsonl",
         subjects=subjects,
+        splits=splits,
+        model=model,
+        settings=score_settings(cfg),
     )
     result = write_result(run_dir, cfg, result, markdown_table(result, model_label(cfg)))
     log.info("MMLU %d-shot: %.4f over %d questions; written to %s", cfg.eval.shots, result["average"], result["questions"], run_dir)

@@ -201,8 +201,7 @@ def load_checkpoint_engine(cfg, checkpoint: str, min_tokens: int):
 
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=ppl_by_position [eval.checkpoints=[a,b,c]]`: ppl_by_position.json/.md/.png."""
-    from xgen.eval.common import ItemStore, Progress, write_result
-    from xgen.runtime import compute_dtype_name
+    from xgen.eval.common import ItemStore, Progress, data_fingerprint, model_identity, score_settings, write_result
     from xgen.tokenizer import Tokenizer
 
     ev = cfg.eval
@@ -216,16 +215,18 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
             raise ConfigError(f"{WHAT}: checkpoint {p}: no such directory (eval.checkpoints / checkpoint)")
     # Data before any model loads: a missing or malformed file fails fast.
     docs, counts = read_documents(ev.data_path, Tokenizer.from_name(cfg.tokenizer.name), ev.min_tokens, ev.limit)
-    settings = {"min_tokens": ev.min_tokens, "data_path": str(ev.data_path), "tokenizer": cfg.tokenizer.name,
-                "compute_dtype": compute_dtype_name(cfg.execution, cfg.hardware)}  # fmt: skip
-    store = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings)
-    todo = {p: sum(f"{p}::{d.id}" not in store for d in docs) for p in checkpoints}
+    settings = {"min_tokens": ev.min_tokens, "limit": ev.limit, **score_settings(cfg)}
+    # Several models share one file, so each item's key names its model's parameters.
+    models = {p: model_identity(p) for p in checkpoints}
+    keys = {p: f"{p}@{m['params'] or m['step']}" for p, m in models.items()}
+    store = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings, data=data_fingerprint(ev.data_path))
+    todo = {p: sum(f"{keys[p]}::{d.id}" not in store for d in docs) for p in checkpoints}
     progress = Progress(f"{WHAT} (documents x checkpoints)", sum(todo.values()))
     buckets = log_buckets(ev.min_tokens)
     curves, mean_nll = {}, {}
     for label, path in zip(curve_labels(checkpoints), checkpoints):
         engine = load_checkpoint_engine(cfg, path, ev.min_tokens) if todo[path] else None
-        nll = score_documents(engine, docs, ev.batch_size, store, path, progress)
+        nll = score_documents(engine, docs, ev.batch_size, store, keys[path], progress)
         del engine
         curves[label], mean_nll[label] = curve(nll, path, buckets), nll.mean(axis=0)
         log.info("%s: %s perplexity %.3f over %d documents", WHAT, label, curves[label]["ppl"], len(docs))
@@ -237,5 +238,6 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         "plot": f"{ev.name}.png",
         "plot_x_scale": x_scale,
         "curves": curves,
+        "identity": {**store.identity, "model": models},
     }
     return write_result(run_dir, cfg, result, markdown_table(result))

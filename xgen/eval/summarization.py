@@ -29,10 +29,13 @@ from xgen.eval.common import (
     Progress,
     batched,
     check_truncation,
+    data_fingerprint,
     input_budget,
     markdown,
+    model_identity,
     model_label,
     read_records,
+    score_settings,
     truncate_tokens,
     write_result,
 )
@@ -215,6 +218,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     check_truncation(ev.truncation)  # before the model loads
     scorer = rouge_scorer()  # before the model: a missing package fails fast
     items = {task: read_task(ev.data_path, task, ev.limit) for task in (ev.tasks or list(TASKS))}
+    model = model_identity(cfg.checkpoint)
     engine = load_engine(cfg)
     budget = input_budget(engine.max_len, ev.max_new_tokens, ev.max_input_tokens)
     prompts = [fit_prompt(engine.tokenizer, cfg.chat_template, d, budget, ev.truncation) for ds in items.values() for d in ds]
@@ -226,8 +230,9 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         seed=cfg.generate.seed,
     )
     settings = {"max_input_tokens": budget, "truncation": ev.truncation, "instruction": INSTRUCTION,
-                "sampling": dataclasses.asdict(base)}  # fmt: skip
-    store = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings)
+                "sampling": dataclasses.asdict(base), "chat_template": dataclasses.asdict(cfg.chat_template),
+                **score_settings(cfg)}  # fmt: skip
+    store = ItemStore(run_dir / f"{ev.name}_partial.jsonl", settings, model=model, data=data_fingerprint(ev.data_path))
     progress = Progress(WHAT, sum(f"{p.item.task}/{p.item.id}" not in store for p in prompts))
     generate_summaries(engine, prompts, base, ev.batch_size, store, progress)
     per_task, outputs = aggregate(items, store, scorer)
@@ -240,5 +245,6 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         "temperature": ev.temperature,
         "instruction": INSTRUCTION,
         "tasks": per_task,
+        "identity": store.identity,
     }
     return write_result(run_dir, cfg, result, markdown_table(result, model_label(cfg)))

@@ -164,7 +164,7 @@ def markdown_table(summary: dict[str, dict], model: str = "model") -> str:
 
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=zeroshot`: zeroshot.json/.md in `run_dir`, resumable by item."""
-    from xgen.eval.common import model_label, write_result
+    from xgen.eval.common import data_fingerprint, model_identity, model_label, score_settings, write_result
     from xgen.eval.loglik import loglikelihood
     from xgen.generate.load import load_engine
 
@@ -172,8 +172,12 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         raise ConfigError(f"eval.shots={cfg.eval.shots}: eval=zeroshot is zero-shot only (Table 6); leave eval.shots at 0")
     tasks = selected_tasks(cfg.eval.tasks)
     items = {t.name: load_task(cfg.eval.data_path, t, cfg.eval.limit) for t in tasks}  # before the model loads
+    model = model_identity(cfg.checkpoint)
     engine = load_engine(cfg)
-    store = ItemStore(run_dir / f"{cfg.eval.name}_partial.jsonl", {"protocol": PROTOCOL, "max_len": engine.max_len})
+    store = ItemStore(
+        run_dir / f"{cfg.eval.name}_partial.jsonl", {"protocol": PROTOCOL, **score_settings(cfg)},
+        model=model, data=data_fingerprint(cfg.eval.data_path),
+    )  # fmt: skip
     summary = evaluate(
         items,
         lambda requests: loglikelihood(engine, requests, cfg.eval.batch_size),
@@ -187,6 +191,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         "columns": [{"task": t, "heading": h, "metric": m} for t, h, m in TABLE_COLUMNS],
         "table": table_row(summary),
         "tasks": summary,
+        "identity": store.identity,
     }
     result = write_result(run_dir, cfg, result, markdown_table(summary, model_label(cfg)))
     log.info("zero-shot: %s; written to %s", ", ".join(f"{k} {v:.3f}" for k, v in result["table"].items() if v is not None), run_dir)
