@@ -6,7 +6,8 @@ from them, so a test can recompute every score from the answers file:
 - mt_bench: Rating [[len % 10 + 1]] of the graded answer (the second one in a conversation)
 - pairwise: the longer answer wins ([[A]] / [[B]]), equal lengths tie ([[C]])
 A request whose user message contains `malformed_if` gets a reply with no verdict in it;
-the first `fail_first` requests get HTTP 503.
+the first `fail_first` requests get HTTP 503. Replies name `served_model` as their model, as
+a real endpoint names the model that answered.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class FakeJudge:
     """`with FakeJudge() as judge:` serves `judge.url` (a base_url ending in /v1); `bodies`
     and `headers` hold every request received."""
 
-    def __init__(self, malformed_if: str | None = None, fail_first: int = 0):
-        self.malformed_if, self.fail_first = malformed_if, fail_first
+    def __init__(self, malformed_if: str | None = None, fail_first: int = 0, served_model: str = "fake-judge-1"):
+        self.malformed_if, self.fail_first, self.served_model = malformed_if, fail_first, served_model
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
@@ -77,7 +78,8 @@ class FakeJudge:
                     return self._reply(503, {"error": "overloaded"})
                 user = body["messages"][-1]["content"]
                 text = "I cannot decide." if judge.malformed_if and judge.malformed_if in user else verdict_for(user)
-                self._reply(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+                self._reply(200, {"model": judge.served_model, "choices": [choice]})
 
             def _reply(self, status: int, payload: dict):
                 data = json.dumps(payload).encode()

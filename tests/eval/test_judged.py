@@ -225,13 +225,28 @@ def test_a_4xx_is_one_error_naming_the_url_and_status(tmp_path):
         assert len(judge.bodies) == 1  # a 404 is not retried
 
 
-def test_an_unreachable_judge_is_one_error_after_the_retries(tmp_path):
+def test_an_unreachable_judge_is_one_error_after_the_retries(tmp_path, caplog):
     with FakeJudge() as judge:
         url = judge.url
     client = _client(None, tmp_path, base_url=url, retries=1)  # the port is closed now
-    with pytest.raises(ConfigError, match=r"judge http://127\.0\.0\.1:\d+/v1/chat/completions: unreachable .* after 2 attempt"):
+    with pytest.raises(ConfigError, match=r"judge http://127\.0\.0\.1:\d+/v1/chat/completions: unreachable .* after 2 attempt") as info:
         client.complete([{"role": "user", "content": "x"}])
     assert client.sent == 2
+    assert "its default, http://127.0.0.1:8000/v1, is where task=serve listens" in str(info.value)
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].endswith("retry 1/1")  # never "retry 2/1"
+
+
+def test_retries_are_counted_and_the_served_model_is_recorded_live_and_from_the_cache(tmp_path, caplog):
+    messages = jp.mt_bench_messages(["q1", "q2"], ["four", "six"], turn=1)
+    with FakeJudge(fail_first=2, served_model="judge-7b-q4") as judge:
+        client = _client(judge, tmp_path, retries=3)
+        client.complete(messages)
+        assert client.served == {"judge-7b-q4"}
+        again = _client(judge, tmp_path, retries=3)
+        again.complete(messages)
+        assert again.cache_hits == 1 and again.served == {"judge-7b-q4"}
+    assert [r.getMessage()[-9:] for r in caplog.records if "retry" in r.getMessage()] == ["retry 1/3", "retry 2/3"]
 
 
 # ---- the command -------------------------------------------------------------------------
@@ -294,6 +309,7 @@ def test_mt_bench_end_to_end_per_turn_and_category(run_eval, tiny_checkpoint, da
         assert "### Reference answer:\n42\n" in second_turn[0]
         table = (run_dir / "mt_bench.md").read_text()
         assert "| Model | First turn | Second turn | Average |" in table
+        assert "Judge: fake-judge-1;" in table and result["judge"]["served"] == ["fake-judge-1"]  # who answered
         assert "| Model | Writing | Roleplay | Reasoning | Math | Coding | Extraction | STEM | Humanities |" in table
         assert json.loads((run_dir / "mt_bench.json").read_text())["benchmark"] == "mt_bench"
         again = _rerun_without_model_or_new_requests(run_eval, run_dir, overrides, judge, monkeypatch)

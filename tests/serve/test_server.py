@@ -189,3 +189,15 @@ def test_concurrent_requests_share_a_batch(client, server, engine):
     after = server.batcher.counters()
     assert after["rows"] - before["rows"] == 4
     assert after["batches"] - before["batches"] < 4
+
+
+def test_the_developer_role_of_the_current_openai_sdk_is_the_system_message():
+    from xgen.config import ChatTemplateConfig
+    from xgen.serve.protocol import Limits, parse_chat
+    from xgen.tokenizer import Tokenizer
+
+    tokenizer, limits = Tokenizer.xgen(), Limits(max_len=1024, vocab=51200)
+    as_role = lambda role: {"messages": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]}  # noqa: E731
+    developer = parse_chat(as_role("developer"), tokenizer, ChatTemplateConfig(), limits, 16)
+    assert developer.prompt == parse_chat(as_role("system"), tokenizer, ChatTemplateConfig(), limits, 16).prompt
+    assert "Be brief." in tokenizer.decode(developer.prompt)

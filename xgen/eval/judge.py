@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from xgen.config import ConfigError
+from xgen.config import ConfigError, JudgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class JudgeClient:
         self.backoff_s, self.workers, self.sleep = backoff_s, max(1, int(judge.workers)), sleep
         self.sent = 0  # requests that reached the endpoint (including retried ones)
         self.cache_hits = 0
+        # The model names the endpoint says answered (its replies' `model` field): what the
+        # tables print, since `judge.model` is only what was asked for (a local server may
+        # serve anything under the name "gpt-4").
+        self.served: set[str] = set()
         self._lock = threading.Lock()
 
     # ---- cache ------------------------------------------------------------------------
@@ -67,15 +71,23 @@ class JudgeClient:
     def cached(self, messages: Messages) -> str | None:
         path = self._cache_path(messages)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["content"]
+            record = json.loads(path.read_text(encoding="utf-8"))
+            content = record["content"]
         except (OSError, ValueError, KeyError, TypeError):  # absent, or cut short by a crash: ask again
             return None
+        self._served(record.get("served_model"))
+        return content
 
-    def _store(self, messages: Messages, content: str) -> None:
+    def _served(self, name) -> None:
+        if isinstance(name, str) and name:
+            with self._lock:
+                self.served.add(name)
+
+    def _store(self, messages: Messages, content: str, served: str | None) -> None:
         path = self._cache_path(messages)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                  "messages": messages, "content": content}  # fmt: skip
+        record = {"model": self.model, "served_model": served, "temperature": self.temperature,
+                  "max_tokens": self.max_tokens, "messages": messages, "content": content}  # fmt: skip
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)  # atomic: a reader sees the whole verdict or none
@@ -89,8 +101,9 @@ class JudgeClient:
             with self._lock:
                 self.cache_hits += 1
             return content
-        content = self._post(messages)
-        self._store(messages, content)
+        content, served = self._post(messages)
+        self._served(served)
+        self._store(messages, content, served)
         return content
 
     def complete_many(self, requests: Sequence[Messages]) -> Iterator[tuple[int, str]]:
@@ -107,7 +120,8 @@ class JudgeClient:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _post(self, messages: Messages) -> str:
+    def _post(self, messages: Messages) -> tuple[str, str | None]:
+        """(reply text, the model name the reply gives)."""
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")  # fmt: skip
         last, wait = "", 0.0
@@ -128,26 +142,27 @@ class JudgeClient:
                     hint = f" (is ${self.api_key_env} set?)" if e.code in (401, 403) else ""
                     raise ConfigError(f"judge {self.url} answered {last}{hint} (eval.judge)") from None
                 wait = _retry_after(e.headers.get("Retry-After"), wait)
-                log.warning("judge %s: %s; retry %d/%d", self.url, last, attempt + 1, self.retries)
-                continue
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
                 last = f"unreachable ({getattr(e, 'reason', e)})"
+            else:
+                return self._content(payload)
+            if attempt < self.retries:  # a retry follows: count it as such (never "retry 4/3")
                 log.warning("judge %s: %s; retry %d/%d", self.url, last, attempt + 1, self.retries)
-                continue
-            return self._content(payload)
         raise ConfigError(
-            f"judge {self.url}: {last} after {self.retries + 1} attempt(s) "
-            "(start one with task=serve or set eval.judge.base_url)"
+            f"judge {self.url}: {last} after {self.retries + 1} attempt(s) (eval.judge.base_url; its default, "
+            f"{JudgeConfig.base_url}, is where task=serve listens: start one there, or point it at a hosted judge)"
         )
 
-    def _content(self, payload: bytes) -> str:
+    def _content(self, payload: bytes) -> tuple[str, str | None]:
         try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
+            reply = json.loads(payload)
+            content = reply["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise ConfigError(f"judge {self.url}: the reply is not a chat completion: {payload[:200]!r}") from None
         if not isinstance(content, str):
             raise ConfigError(f"judge {self.url}: the reply's message content is not text: {content!r}"[:300])
-        return content
+        served = reply.get("model") if isinstance(reply, dict) else None
+        return content, served if isinstance(served, str) else None
 
 
 def _retry_after(value: str | None, default: float) -> float:

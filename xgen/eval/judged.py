@@ -424,7 +424,9 @@ def judge_answers(cfg, items: list[dict], answers: ItemStore, verdicts: ItemStor
             i, j, _ = flat[n]
             replies[i][j] = reply
         for it, texts in zip(chunk, replies):
-            verdicts.add(it["id"], {"answers": answers_of(it), "verdicts": texts, **read_verdicts(kind, texts)})
+            served = sorted(judge.served)  # who answered, as the endpoint names itself
+            record = {"answers": answers_of(it), "verdicts": texts, "judge_served": served, **read_verdicts(kind, texts)}
+            verdicts.add(it["id"], record)
         progress.advance(len(chunk))
     log.info("%s: judge %s: %d request(s) sent, %d from the cache", ev.name, judge.model, judge.sent, judge.cache_hits)
 
@@ -465,9 +467,11 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     with open(run_dir / f"{ev.name}_answers.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(answer_file_row(kind, it, a, v, model), ensure_ascii=False) + "\n" for it, a, v in pairs)
     summary = SUMMARIZE[kind](records)
-    result = {"judge": {"model": ev.judge.model, "base_url": ev.judge.base_url}, **summary,
+    served = sorted({name for _, _, v in pairs for name in v.get("judge_served", [])})
+    judge_name = ", ".join(served) or ev.judge.model  # what answered, not only what was asked for
+    result = {"judge": {"model": ev.judge.model, "served": served, "base_url": ev.judge.base_url}, **summary,
               "unparseable_ids": [r["id"] for r in records if _unreadable(kind, r)], "identity": answers.identity}  # fmt: skip
-    return write_result(run_dir, cfg, result, table(kind, summary, model, ev.judge.model))
+    return write_result(run_dir, cfg, result, table(kind, summary, model, judge_name))
 
 
 def _unreadable(kind: str, record: dict) -> bool:

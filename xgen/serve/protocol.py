@@ -228,10 +228,12 @@ def _messages(body: dict) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise RequestError(f"'{where}.content' must be a string, got {_kind(content)}", f"{where}.content")
-        role = m["role"]
+        # The current OpenAI SDK sends the instructions as "developer" (the new name of "system").
+        role = "system" if m["role"] == "developer" else m["role"]
         if role not in ("system", "user", "assistant") or (role == "system" and i > 0):
             raise RequestError(
-                f"'{where}.role' is {role!r}; roles are user and assistant, with an optional system message first",
+                f"'{where}.role' is {m['role']!r}; roles are user and assistant, with an optional system "
+                "(or developer) message first",
                 f"{where}.role",
             )
         out.append({"role": role, "content": content})
