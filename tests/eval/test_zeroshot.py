@@ -133,11 +133,13 @@ def forward(tiny_model):
     return lambda ids: np.asarray(call(model, jnp.asarray([ids]))[0], np.float64)
 
 
-def reference(forward, tokenizer, context: list[int], continuation: list[int], max_len: int):
-    """(sum of log-probs, greedy) from one forward pass over the request's kept tokens alone."""
-    seq = (context + continuation)[-max_len:]
+def reference(forward, tokenizer, context: list[int], continuation: list[int], max_len: int, all_rows: bool = False):
+    """(sum of log-probs, greedy) from one forward pass over the request's kept tokens alone,
+    kept as lm-eval keeps them: the last max_len + 1, of which the model reads all but the last."""
+    seq = (context + continuation)[-(max_len + 1) :]
     n = min(len(continuation), len(seq) - 1)
-    logits = forward(seq)[:, : tokenizer.n_tokens]  # the engine never predicts ids past the vocabulary
+    logits = forward(seq[:-1])
+    logits = logits if all_rows else logits[:, : tokenizer.n_tokens]  # masked: never an id past the vocabulary
     top = logits.max(-1, keepdims=True)
     logprobs = logits - (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))
     positions = range(len(seq) - n, len(seq))
@@ -172,7 +174,7 @@ def test_batched_logliks_equal_each_request_scored_alone_by_the_models_forward_p
     assert greedy.greedy and not other.greedy
 
 
-def test_a_request_longer_than_max_len_keeps_its_last_max_len_tokens(forward, tiny_engine, tokenizer):
+def test_a_request_longer_than_max_len_keeps_its_last_max_len_plus_one_tokens_as_lm_eval(forward, tiny_engine, tokenizer):
     engine = SimpleNamespace(tokenizer=tokenizer, max_len=24, score_tails=tiny_engine.score_tails)
     ctx = tokenizer.encode(" ".join(f"word{i}" for i in range(30)))
     cont = tokenizer.encode(" and the end")
@@ -183,6 +185,24 @@ def test_a_request_longer_than_max_len_keeps_its_last_max_len_tokens(forward, ti
     assert short_answer.logprob == pytest.approx(reference(forward, tokenizer, *short, 24)[0], abs=2e-4)
     untruncated = reference(forward, tokenizer, ctx, cont, 1024)[0]
     assert abs(long_answer.logprob - untruncated) > 1e-3  # the truncation did change the context
+    assert abs(long_answer.logprob - reference(forward, tokenizer, ctx, cont, 23)[0]) > 1e-4  # one token more than max_len
+
+
+def test_scores_are_normalized_over_every_output_row_as_the_reference_unless_told(forward, tiny_model, tokenizer):
+    """lm-eval's hf backend (and the training loss) normalize over all 51,200 rows of the head;
+    the masked normalization (over the tokenizer's 50,313 ids) gives higher log-likelihoods."""
+    from xgen.generate.engine import Engine
+    from xgen.runtime import Runtime
+
+    cfg, _, params = tiny_model
+    ctx, cont = tokenizer.encode("The cat sat on the"), tokenizer.encode(" mat and slept")
+    scores = {}
+    for all_rows in (True, False):
+        engine = Engine(Runtime.local(cfg), params, tokenizer, max_len=64, score_all_rows=all_rows)
+        (answer,) = loglikelihood_tokens(engine, [(ctx, cont)])
+        assert answer.logprob == pytest.approx(reference(forward, tokenizer, ctx, cont, 64, all_rows)[0], abs=2e-4)
+        scores[all_rows] = answer.logprob
+    assert scores[False] > scores[True] + 1e-4
 
 
 # ---- the run ------------------------------------------------------------------------------

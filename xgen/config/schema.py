@@ -445,6 +445,10 @@ class EvalConfig:
     limit: Optional[int] = None  # items per task or subject, for quick runs
     # A split without items (or MMLU dev rows fewer than `shots`) is an error unless true.
     allow_empty: bool = False
+    # Log-probs normalized over every row of the output head (51,200 for XGen), as
+    # lm-evaluation-harness's hf backend and the training loss compute them; false: over the
+    # tokenizer's ids only (the padding rows masked, as sampling always does).
+    normalize_over_all_rows: bool = True
     # Sampling, for benchmarks that generate (humaneval, summarization, judged evals).
     n_samples: int = 1  # per problem (HumanEval pass@k: the report's n=200)
     temperature: float = 0.0

@@ -273,7 +273,8 @@ def score_settings(cfg) -> dict:
     execution = {k: v for k, v in dataclasses.asdict(cfg.execution).items() if k != "name"}
     compute = compute_dtype_name(cfg.execution, cfg.hardware)
     execution.update(compute_dtype=compute, kv_cache_dtype=cfg.execution.kv_cache_dtype or compute)
-    return {"tokenizer": cfg.tokenizer.name, "max_len": cfg.generate.max_len, "execution": execution}
+    return {"tokenizer": cfg.tokenizer.name, "max_len": cfg.generate.max_len, "execution": execution,
+            "normalize_over_all_rows": cfg.eval.normalize_over_all_rows}  # fmt: skip
 
 
 def write_result(run_dir: Path, cfg, result: dict, table: str) -> dict:

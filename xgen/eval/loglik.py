@@ -53,9 +53,10 @@ def padded_width(n: int, max_len: int) -> int:
 
 def truncate(context: Sequence[int], continuation: Sequence[int], max_len: int) -> tuple[list[int], int]:
     """(the sequence to score, how many of its last tokens are the continuation's): the last
-    `max_len` tokens of context + continuation (lm-eval's left truncation). The first token of
-    the sequence has no prediction, so at most `max_len - 1` continuation tokens are scored."""
-    sequence = (list(context) + list(continuation))[-max_len:]
+    `max_len + 1` tokens of context + continuation, as lm-eval's `_loglikelihood_tokens`
+    keeps them (`[-(max_length + 1):][:-1]` is what the model reads; the last token is only
+    predicted). The first token has no prediction, so at most `max_len` are scored."""
+    sequence = (list(context) + list(continuation))[-(max_len + 1) :]
     return sequence, min(len(continuation), len(sequence) - 1)
 
 
@@ -77,7 +78,7 @@ def loglikelihood_tokens(engine, requests: Sequence[tuple[Sequence[int], Sequenc
     answers: list[LogLik | None] = [None] * len(prepared)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = padded_width(max(len(prepared[i][0]) for i in rows), engine.max_len)
+        width = padded_width(max(len(prepared[i][0]) - 1 for i in rows), engine.max_len)  # the inputs' width
         filler = [rows[-1]] * (batch_size - len(rows))
         sequences = [prepared[i][0] for i in rows + filler]
         counts = [prepared[i][1] for i in rows + filler]

@@ -131,9 +131,18 @@ class Engine:
     """A loaded model that completes and scores token sequences (thread-compatible: callers
     serialize calls, as the server's batcher does)."""
 
-    def __init__(self, runtime: Runtime, params: nnx.State, tokenizer: Tokenizer, *, max_len: int | None = None):
-        """`params` placed as `runtime.abstract_params` says (sharded on its mesh, or not)."""
+    def __init__(
+        self, runtime: Runtime, params: nnx.State, tokenizer: Tokenizer, *, max_len: int | None = None,
+        score_all_rows: bool = False,
+    ):  # fmt: skip
+        """`params` placed as `runtime.abstract_params` says (sharded on its mesh, or not).
+
+        Sampling never draws an id the tokenizer cannot decode (the output head's padding
+        rows). Scores are normalized over the same ids, unless `score_all_rows`: then over
+        every row of the head, as lm-evaluation-harness's `hf` backend and the training loss
+        compute them (evaluation's default, so its log-likelihoods are the reference's)."""
         model_cfg = runtime.model
+        self.score_all_rows = score_all_rows
         self.runtime = runtime
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
@@ -162,6 +171,11 @@ class Engine:
         logits = model.logits(hidden)
         return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
 
+    def _score_logprobs(self, model: XGenModel, hidden: jax.Array) -> jax.Array:
+        """Log-probs for scoring: over the tokenizer's ids, or every row (`score_all_rows`)."""
+        logits = model.logits(hidden) if self.score_all_rows else self._logits(model, hidden)
+        return jax.nn.log_softmax(logits, axis=-1)
+
     def _run(self, params, tokens, positions, index, caches, pad_start):
         """New tokens (at slots index..index+t-1) see earlier slots and each other back to
         their row's first real token (`pad_start`)."""
@@ -187,7 +201,7 @@ class Engine:
         best alternatives (a top-k over the vocabulary at every position costs more than
         the argmax: only requests that ask for alternatives pay for it)."""
         model = self._model(params)
-        logprobs = jax.nn.log_softmax(self._logits(model, model.hidden(tokens)[:, :-1]), axis=-1)
+        logprobs = self._score_logprobs(model, model.hidden(tokens)[:, :-1])
         chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
         greedy = jnp.argmax(logprobs, axis=-1)
         top_lp, top_ids = jax.lax.top_k(logprobs, top) if top else (None, None)
@@ -198,17 +212,15 @@ class Engine:
         position per row, not the whole sequence."""
         model = self._model(params)
         h = jnp.take_along_axis(model.hidden(tokens), last[:, None, None], axis=1)
-        return jax.nn.log_softmax(self._logits(model, h)[:, 0], axis=-1)[:, token_ids]
+        return self._score_logprobs(model, h)[:, 0][:, token_ids]
 
-    def _tail_fn(self, params, tokens, last):
-        """Log-prob and argmax of each of the `k` tokens ending at position `last` of each row
-        (k = `last`'s second dimension): the output head and softmax run on those positions
-        only, which is most of the cost of scoring short continuations."""
+    def _tail_fn(self, params, inputs, hidden_at, targets):
+        """Log-prob and argmax of each row's `k` target tokens, each predicted by the state at
+        `hidden_at` (k = their second dimension): the output head and softmax run on those
+        positions only, which is most of the cost of scoring short continuations."""
         model = self._model(params)
-        hidden_at = jnp.maximum(last - 1, 0)  # the state that predicts each scored token
-        h = jnp.take_along_axis(model.hidden(tokens), hidden_at[..., None], axis=1)
-        logprobs = jax.nn.log_softmax(self._logits(model, h), axis=-1)
-        targets = jnp.take_along_axis(tokens, last, axis=1)
+        h = jnp.take_along_axis(model.hidden(inputs), hidden_at[..., None], axis=1)
+        logprobs = self._score_logprobs(model, h)
         return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], jnp.argmax(logprobs, axis=-1)
 
     def compile_decode(self, batch: int, slots: int):
@@ -351,15 +363,20 @@ class Engine:
     ) -> list[tuple[list[float], list[int]]]:
         """For each sequence, (log-probs, greedy tokens) of its last `counts[i]` tokens (each
         given everything before it), in one forward pass: what a log-likelihood request of a
-        short continuation needs, without the full sequence's output head. `width` pads the
-        batch to at least that many tokens (callers that bucket shapes themselves)."""
+        short continuation needs, without the full sequence's output head. A sequence may be
+        `max_len + 1` long: its last token is only predicted, never read (lm-eval's window).
+        `width` pads the batch's inputs to at least that many tokens (callers that bucket
+        shapes themselves)."""
         if len(counts) != len(sequences) or any(not 0 < n < len(s) for s, n in zip(sequences, counts)):
             raise ValueError("score_tails needs, per sequence, a count from 1 to its length - 1")
-        tokens = self._right_padded(sequences, width)
+        rows = self._pad_rows(list(sequences))
+        inputs = self._right_padded([s[:-1] for s in sequences], width)
         k = _round_up(max(counts), 8)  # few distinct shapes
-        ends = np.array([len(s) - 1 for s in self._pad_rows(list(sequences))], np.int32)
-        last = np.maximum(ends[:, None] - np.arange(k - 1, -1, -1)[None, :], 0).astype(np.int32)
-        chosen, greedy = jax.device_get(self._tail(self.params, tokens, last))
+        ends = np.array([len(s) - 1 for s in rows], np.int32)  # each row's last token: a target
+        last = np.maximum(ends[:, None] - np.arange(k - 1, -1, -1)[None, :], 1)
+        hidden_at = (last - 1).astype(np.int32)  # the state that predicts each target
+        targets = np.array([[s[j] for j in row] for s, row in zip(rows, last)], np.int32)
+        chosen, greedy = jax.device_get(self._tail(self.params, inputs, hidden_at, targets))
         return [([float(x) for x in chosen[i, k - n :]], [int(x) for x in greedy[i, k - n :]]) for i, n in enumerate(counts)]
 
     def _right_padded(self, sequences: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:

@@ -53,4 +53,6 @@ def load_params(cfg: XGenConfig) -> tuple[Runtime, nnx.State]:
 def load_engine(cfg: XGenConfig) -> Engine:
     """An Engine for `cfg.checkpoint` with `cfg.tokenizer`, on `cfg.hardware`."""
     runtime, params = load_params(cfg)
-    return Engine(runtime, params, Tokenizer.from_name(cfg.tokenizer.name), max_len=cfg.generate.max_len)
+    # Benchmarks score as the reference implementations do (over every output row) unless told.
+    all_rows = cfg.eval.normalize_over_all_rows if cfg.eval is not None else False
+    return Engine(runtime, params, Tokenizer.from_name(cfg.tokenizer.name), max_len=cfg.generate.max_len, score_all_rows=all_rows)
