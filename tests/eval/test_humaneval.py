@@ -179,12 +179,7 @@ def test_working_directories_are_removed_even_after_a_timeout(hostile):
 def test_program_runs_in_its_own_working_directory_which_is_then_removed(tmp_path):
     boxes = tmp_path / "boxes"
     boxes.mkdir()
-    program = (
-        "import os\n"
-        f"inside = os.listdir({str(boxes)!r})\n"
-        "assert len(inside) == 1 and os.path.samefile(os.path.join(" + repr(str(boxes)) + ", inside[0]), '.')\n"
-        "open('scratch.txt', 'w').write('x')\n"
-    )
+    program = "import os\nopen('scratch.txt', 'w').write('x')\nassert os.path.samefile('.', '/box') and open('/box/scratch.txt').read() == 'x'\n"
     with Sandbox(SandboxConfig(timeout_s=3.0, workers=1), root=boxes) as sandbox:
         result = sandbox.run(program)
     assert result.passed, result
@@ -193,7 +188,7 @@ def test_program_runs_in_its_own_working_directory_which_is_then_removed(tmp_pat
 
 def test_without_network_isolation_the_sandbox_says_so_once(caplog):
     with caplog.at_level("WARNING", logger="xgen.eval.sandbox"):
-        with Sandbox(FAST, isolate_network=False) as sandbox:
+        with Sandbox(FAST, isolate_network=False, jail=False) as sandbox:  # the jail always cuts the network
             results = sandbox.run_all(["x = 1\n", "y = 2\n", "z = 3\n"])
     assert all(r.passed for r in results) and sandbox.network_isolated is False
     assert sum("NOT cut off from the network" in r.message for r in caplog.records) == 1

@@ -408,6 +408,7 @@ class SandboxConfig:
     cpu_s: int = 10  # RLIMIT_CPU
     memory_mb: int = 1024  # RLIMIT_AS
     workers: int = 2  # programs run at once
+    disk_mb: int = 64  # the jail's /box: the only place a program can write
 
 
 @dataclass

