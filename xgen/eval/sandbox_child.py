@@ -319,11 +319,15 @@ def main() -> None:
     settings = json.loads(sys.stdin.read())
     nonce, write, finish = settings["nonce"], os.write, os._exit  # kept before the guard removes things
     result_fd = settings["result_fd"]
-    with open("program.py", encoding="utf-8") as f:
+    jail = settings["jail"]
+    with open("/program.py" if jail == "bubblewrap" else "program.py", encoding="utf-8") as f:
         source = f.read()
-    why_not = enter(settings["disk_mb"], system_reads()) if settings["jail"] else "not asked for"
+    if jail == "bubblewrap":  # already inside bubblewrap's jail
+        why_not = None
+    else:
+        why_not = enter(settings["disk_mb"], system_reads()) if jail == "namespaces" else "not asked for"
     if why_not is None:
-        report = {"nonce": nonce, "isolation": "namespaces", "network_isolated": True}
+        report = {"nonce": nonce, "isolation": jail, "network_isolated": True}
     else:  # P1, unjailed: the old defences only
         isolated = leave_network() if settings["isolate_network"] else False
         report = {"nonce": nonce, "isolation": "process", "why_not_jailed": why_not, "network_isolated": isolated}
