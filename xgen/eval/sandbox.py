@@ -81,6 +81,13 @@ class Sandbox:
         self.bwrap = shutil.which("bwrap") if wants_bwrap else None
         if backend == "bubblewrap" and self.bwrap is None:
             raise ValueError("eval.sandbox.backend=bubblewrap but no bwrap on PATH (Debian: apt install bubblewrap)")
+        if self.bwrap and jail:
+            why = _bwrap_fails(self.bwrap)
+            if why and backend == "bubblewrap":
+                raise ValueError(f"eval.sandbox.backend=bubblewrap: bwrap cannot build its jail here: {why}")
+            if why:  # every program would "fail" with bwrap's exit code: use xgen's own jail
+                log.warning("sandbox: bwrap cannot build its jail here (%s); using xgen's own", why)
+                self.bwrap = None
         self.network_isolated: bool | None = None  # known after the first program reports
         # "namespaces" (the jail) or "process" (limits and guard only), known after the first
         # program reports; "process" if any program ran unjailed.
@@ -198,6 +205,18 @@ class Sandbox:
 
 
 BACKENDS = ("auto", "bubblewrap", "namespaces")
+
+
+def _bwrap_fails(bwrap: str) -> str | None:
+    """Why bubblewrap cannot create its namespaces here (None: it can), from one empty run."""
+    probe = [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    if os.getuid() == 0:
+        probe += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+    try:
+        done = subprocess.run([*probe, "--", "/bin/true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[0][:200]
 
 
 def bwrap_args(bwrap: str, box: Path, disk_mb: int) -> list[str]:
