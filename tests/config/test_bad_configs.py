@@ -95,6 +95,7 @@ def test_the_shipped_configs_pass_the_same_checks():
         (["hardware=tpu_v4_512", "stage.batch_tokens=65536"], "hardware=tpu_v4_512 is for a multi-host tpu job"),
         # Needs the data (lengths only), so it comes after validation, still before the model.
         (["data_mix.min_doc_tokens=100000000"], "part python_docs has no documents (dropped: {'min_doc_tokens': "),
+        (["task=eval", "eval=humaneval", "eval.sandbox.backend=docker"], "eval.sandbox.backend=docker"),
     ],
 )
 def test_the_command_line_says_it_in_one_line_and_exits_2(overrides, needle, tmp_path):

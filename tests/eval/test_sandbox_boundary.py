@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from xgen.config import ConfigError
 from xgen.config.schema import SandboxConfig
 from xgen.eval.sandbox import Sandbox
 
@@ -140,7 +141,7 @@ def test_a_bwrap_that_cannot_build_its_jail_is_never_used_silently(tmp_path, mon
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    with pytest.raises(ValueError, match="backend=bubblewrap: bwrap cannot build its jail here: bwrap: No permissions"):
+    with pytest.raises(ConfigError, match="backend=bubblewrap: bwrap cannot build its jail here: bwrap: No permissions"):
         Sandbox(dataclasses.replace(LIMITS, backend="bubblewrap"))
     monkeypatch.setattr(os, "getuid", lambda: 1000)  # auto prefers bubblewrap when not root
     with caplog.at_level("WARNING", logger="xgen.eval.sandbox"):

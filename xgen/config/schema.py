@@ -52,6 +52,12 @@ class Truncation(StrEnum):
     middle = "middle"  # keep both ends
 
 
+class SandboxBackend(StrEnum):
+    auto = "auto"  # bubblewrap where installed and not root, else xgen's own jail
+    bubblewrap = "bubblewrap"
+    namespaces = "namespaces"  # xgen's own jail (xgen/eval/sandbox_child.py)
+
+
 class Packing(StrEnum):
     pack = "pack"
     pad = "pad"
@@ -411,7 +417,7 @@ class SandboxConfig:
     disk_mb: int = 64  # the jail's /box: the only place a program can write
     # The jail: auto (bubblewrap where `bwrap` is installed and xgen is not root, else xgen's
     # own from the kernel's namespaces; see xgen/eval/sandbox.py), bubblewrap, or namespaces.
-    backend: str = "auto"
+    backend: SandboxBackend = SandboxBackend.auto
 
 
 @dataclass

@@ -269,21 +269,21 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
         run_dir / f"{ev.name}_partial.jsonl", {**settings, **score_settings(cfg)},
         model=model_identity(cfg.checkpoint), data=data_fingerprint(ev.data_path),
     )  # fmt: skip
-    complete = None
-    if any(p.task_id not in store for p in problems):
-        from xgen.generate.load import load_engine
+    with Sandbox(ev.sandbox) as sandbox:  # before the model: a jail that cannot be built fails fast
+        complete = None
+        if any(p.task_id not in store for p in problems):
+            from xgen.generate.load import load_engine
 
-        complete = EngineCompleter(
-            load_engine(cfg),
-            max_new_tokens=ev.max_new_tokens,
-            temperature=ev.temperature,
-            top_p=ev.top_p,
-            stop=ev.stop,
-            seed=cfg.seed,
-            max_input_tokens=ev.max_input_tokens,
-            truncation=ev.truncation,
-        )
-    with Sandbox(ev.sandbox) as sandbox:
+            complete = EngineCompleter(
+                load_engine(cfg),
+                max_new_tokens=ev.max_new_tokens,
+                temperature=ev.temperature,
+                top_p=ev.top_p,
+                stop=ev.stop,
+                seed=cfg.seed,
+                max_input_tokens=ev.max_input_tokens,
+                truncation=ev.truncation,
+            )
         result = evaluate(problems, complete, sandbox, n=ev.n_samples, pass_k=ks, batch_size=ev.batch_size, store=store)
         network_isolated, isolation = sandbox.network_isolated, sandbox.isolation
     samples_path = run_dir / f"{ev.name}_samples.jsonl"

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from xgen.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
@@ -76,15 +78,15 @@ class Sandbox:
         # fork bomb could take the host's PIDs until the timeout); else xgen's own.
         backend = str(getattr(limits, "backend", "auto"))
         if backend not in BACKENDS:
-            raise ValueError(f"eval.sandbox.backend={backend!r}: one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"eval.sandbox.backend={backend!r}: one of {', '.join(BACKENDS)}")
         wants_bwrap = backend == "bubblewrap" or (backend == "auto" and os.getuid() != 0)
         self.bwrap = shutil.which("bwrap") if wants_bwrap else None
         if backend == "bubblewrap" and self.bwrap is None:
-            raise ValueError("eval.sandbox.backend=bubblewrap but no bwrap on PATH (Debian: apt install bubblewrap)")
+            raise ConfigError("eval.sandbox.backend=bubblewrap but no bwrap on PATH (Debian: apt install bubblewrap)")
         if self.bwrap and jail:
             why = _bwrap_fails(self.bwrap)
             if why and backend == "bubblewrap":
-                raise ValueError(f"eval.sandbox.backend=bubblewrap: bwrap cannot build its jail here: {why}")
+                raise ConfigError(f"eval.sandbox.backend=bubblewrap: bwrap cannot build its jail here: {why}")
             if why:  # every program would "fail" with bwrap's exit code: use xgen's own jail
                 log.warning("sandbox: bwrap cannot build its jail here (%s); using xgen's own", why)
                 self.bwrap = None
