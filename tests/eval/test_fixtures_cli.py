@@ -3,6 +3,7 @@ are named as task=eval names them (mt_bench, mmlu_5shot) or by their module."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_help_prints_usage_and_writes_nothing(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "xgen.eval.fixtures", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-        env={"PYTHONPATH": str(REPO), **{k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}},
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m xgen.eval.fixtures") and "mt_bench" in proc.stdout
     assert list(tmp_path.iterdir()) == []

@@ -41,8 +41,9 @@ def read_text(path: Path, what: str) -> str:
                 data = f.read()
         else:
             data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or a bad CRC
-        raise ConfigError(f"{what}: {path} cannot be read as gzip ({e or type(e).__name__})") from None
+    except (OSError, EOFError, zlib.error) as e:  # unreadable; or not gzip, truncated, a bad CRC
+        how = "as gzip " if path.name.endswith(".gz") else ""
+        raise ConfigError(f"{what}: {path} cannot be read {how}({e or type(e).__name__})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -133,7 +134,6 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
-
 
 
 class ItemStore:

