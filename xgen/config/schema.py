@@ -58,6 +58,11 @@ class SandboxBackend(StrEnum):
     namespaces = "namespaces"  # xgen's own jail (xgen/eval/sandbox_child.py)
 
 
+class Scheduler(StrEnum):
+    continuous = "continuous"  # rows join and leave the running batch at every decoding step
+    static = "static"  # rows that arrive together run together to the longest one's end
+
+
 class Packing(StrEnum):
     pack = "pack"
     pad = "pad"
@@ -547,15 +552,25 @@ class GenerateConfig(SamplingConfig):
 
 @dataclass
 class ServeConfig:
-    """The OpenAI-compatible HTTP server of `task=serve` (home: `xgen.serve`)."""
+    """The OpenAI-compatible HTTP server of `task=serve` (home: `xgen.serve`; docs/serving.md)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    # Requests that arrive while a batch runs are batched together, up to this many rows.
-    max_batch: int = 8
-    # How long the batcher waits for more requests before running a batch, in ms.
-    batch_wait_ms: float = 5.0
     model_name: str = "xgen"
+    scheduler: Scheduler = Scheduler.continuous
+    # Rows decoded together: the continuous scheduler's cache slots, the static one's batch.
+    max_batch: int = 8
+    # continuous: prompt tokens a newcomer's prefill runs per decoding step (bounds the stall
+    # of the running rows; a multiple of 16).
+    prefill_chunk: int = 128
+    # static: how long the batcher waits for more requests before running a batch, in ms.
+    batch_wait_ms: float = 5.0
+    # Rows waiting for a slot; a request that would queue more is answered 429.
+    max_queued_rows: int = 4096
+    max_body_bytes: int = 16 * 2**20
+    # On SIGTERM: new requests get 503, running and queued rows get this long to finish,
+    # then their streams end with an error event and `data: [DONE]`.
+    shutdown_grace_s: float = 30.0
 
 
 @dataclass

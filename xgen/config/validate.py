@@ -48,6 +48,8 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("generate.top_k", cfg.generate.top_k, ">=0"), ("generate.top_p", cfg.generate.top_p, "(0,1]"),
         ("generate.max_len", cfg.generate.max_len, ">0?"),
         ("serve.max_batch", cfg.serve.max_batch, ">0"), ("serve.batch_wait_ms", cfg.serve.batch_wait_ms, ">=0"),
+        ("serve.prefill_chunk", cfg.serve.prefill_chunk, ">0"), ("serve.max_queued_rows", cfg.serve.max_queued_rows, ">0"),
+        ("serve.max_body_bytes", cfg.serve.max_body_bytes, ">0"), ("serve.shutdown_grace_s", cfg.serve.shutdown_grace_s, ">=0"),
         ("plan.mfu", cfg.plan.mfu, "(0,1]"),
     ]  # fmt: skip
     for name, src in cfg.data_mix.sources.items():

@@ -3,7 +3,8 @@
 /v1/chat/completions (the config's chat template), streaming, and batching of concurrent
 requests into shared Engine calls."""
 
-from xgen.serve.batcher import Batcher, Job, Row, ServerError
+from xgen.serve.batcher import Batcher
+from xgen.serve.jobs import Job, Row, ServerError
 from xgen.serve.protocol import RequestError
 from xgen.serve.server import XGenServer, make_server
 

@@ -16,100 +16,14 @@ bounds the shapes at log2(max_batch) + 1 per prompt bucket.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from xgen.generate import Completion, Engine, SamplingConfig, Scored
+from xgen.generate import Engine, SamplingConfig
+from xgen.serve.jobs import Job, Row, ServerError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Row:
-    """One prompt's work. settings.max_new_tokens == 0: nothing to generate (echo only)."""
-
-    prompt: list[int]
-    settings: SamplingConfig
-    score: bool = False  # score prompt + completion (echo with logprobs)
-    top_logprobs: int = 0
-    scored: Scored | None = None
-    completion: Completion | None = None
-    job: "Job | None" = field(default=None, repr=False)
-    index: int = 0
-
-    def sequence(self, eos: int) -> list[int]:
-        """What `score` runs over: the prompt and what was generated, with the end-of-text
-        token when generation ended on it (lm-evaluation-harness sends max_tokens=1 and
-        drops the last echoed token, so that token must be there)."""
-        c = self.completion
-        if c is None:
-            return self.prompt
-        ended_on_eos = c.eos
-        return self.prompt + c.tokens + ([eos] if ended_on_eos else [])
-
-
-class ServerError(Exception):
-    """A batch failed (or the server closed) while this job waited; answered with `status`."""
-
-    def __init__(self, message: str, status: int = 500):
-        super().__init__(message)
-        self.status = status
-
-
-class Job:
-    """One HTTP request's rows. Non-streaming handlers `wait()`; streaming handlers read
-    `events`: ("text", index, delta), ("row", index), ("end",) or ("error", ServerError)."""
-
-    def __init__(self, rows: list[Row], stream: bool = False):
-        self.rows = rows
-        for i, row in enumerate(rows):
-            row.job, row.index = self, i
-        self.events: queue.Queue | None = queue.Queue() if stream else None
-        self.error: ServerError | None = None
-        self.cancelled = False  # the client went away: skip rows not yet started
-        self._left = len(rows)
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-
-    def text(self, index: int, delta: str) -> None:
-        if self.events is not None:
-            self.events.put(("text", index, delta))
-
-    def row_done(self, index: int) -> None:
-        with self._lock:
-            if self._done.is_set():
-                return
-            self._left -= 1
-            last = self._left == 0
-            if last:
-                self._done.set()
-        if self.events is not None:
-            self.events.put(("row", index))
-            if last:
-                self.events.put(("end",))
-
-    def fail(self, error: ServerError) -> None:
-        with self._lock:
-            if self._done.is_set():
-                return
-            self.error = error
-            self._done.set()
-        if self.events is not None:
-            self.events.put(("error", error))
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> list[Row]:
-        if not self._done.wait(timeout):
-            raise ServerError("timed out waiting for the model", 504)
-        if self.error is not None:
-            raise self.error
-        return self.rows
 
 
 class Batcher:

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 from xgen.config import ChatTemplateConfig, XGenConfig
 from xgen.generate import Engine
-from xgen.serve.batcher import Batcher, Job, Row, ServerError
+from xgen.serve.batcher import Batcher
+from xgen.serve.jobs import Job, Row, ServerError
 from xgen.serve.protocol import (
     CompletionRequest,
     Limits,
