@@ -1,12 +1,12 @@
-"""One worker thread owns the Engine and runs concurrent requests as shared batches.
+"""The static scheduler: rows that arrive together run together, to the longest one's end.
 
-The Engine is not thread-safe and a batch of B rows costs little more than one row on an
-accelerator, so HTTP threads only enqueue rows and wait. The worker takes the rows that
-arrive within `batch_wait_ms` of the first (and everything that queued while the previous
-batch ran), up to `max_batch` rows, and makes one `engine.generate` call for the rows that
-generate, then one `engine.score` call for the rows whose echoed text needs
-log-probabilities (after generating, so the scores cover the generated tokens too). Each
-row keeps its own sampling settings, and streamed text goes to its own job.
+The worker takes the rows that arrive within `batch_wait_ms` of the first (and everything
+that queued while the previous batch ran), up to `max_batch` rows, and makes one
+`engine.generate` call for the rows that generate, then one `engine.score` call for the
+rows whose echoed text needs log-probabilities (after generating, so the scores cover the
+generated tokens too). Each row keeps its own sampling settings, and streamed text goes to
+its own job. `serve.scheduler=continuous` (continuous.py) is the default; this one stays
+as the reference it is measured against (bench/serve.py) and for engines without slots.
 
 Batches are padded with one-token rows to a power of two (at most `max_batch`): every new
 batch size is a new XLA compilation (seconds on a CPU, much more for a 7B model), so this
@@ -16,60 +16,23 @@ bounds the shapes at log2(max_batch) + 1 per prompt bucket.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
-from xgen.generate import Engine, SamplingConfig
-from xgen.serve.jobs import Job, Row, ServerError
+from xgen.generate import SamplingConfig
+from xgen.serve.jobs import Row, ServerError
+from xgen.serve.scheduling import Scheduler
 
 log = logging.getLogger(__name__)
 
 
-class Batcher:
-    """The worker thread; `counters()` reports batches and rows so far (what a test or
-    /health reads to see that concurrent requests shared batches)."""
+class Batcher(Scheduler):
+    kind = "static"
 
-    def __init__(self, engine: Engine, max_batch: int = 8, batch_wait_ms: float = 5.0):
-        self.engine, self.max_batch, self.wait_s = engine, max(1, max_batch), max(0.0, batch_wait_ms) / 1000
-        self._queue: list[Row] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        names = ("batches", "rows", "padding_rows", "generate_calls", "score_calls", "failed_batches")
-        self._counts = dict.fromkeys(names, 0)
-        self._thread = threading.Thread(target=self._loop, name="xgen-batcher", daemon=True)
-        self._thread.start()
-
-    def counters(self) -> dict[str, int]:
-        with self._cond:
-            return dict(self._counts)
-
-    def submit(self, job: Job) -> Job:
-        """Queue a job's rows; rows with nothing to compute finish at once."""
-        work = []
-        for row in job.rows:
-            (work if row.score or row.settings.max_new_tokens > 0 else []).append(row)
-        with self._cond:
-            if self._closed:
-                raise ServerError("the server is shutting down", 503)
-            self._queue.extend(work)
-            self._cond.notify()
-        for row in job.rows:
-            if row not in work:
-                job.row_done(row.index)
-        return job
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, fail what is still queued, stop the thread."""
-        with self._cond:
-            self._closed = True
-            pending, self._queue = self._queue, []
-            self._cond.notify_all()
-        for row in pending:
-            row.job.fail(ServerError("the server is shutting down", 503))
-        self._thread.join(timeout)
-
-    # ---- worker ------------------------------------------------------------------------
+    def __init__(self, engine, max_batch: int = 8, batch_wait_ms: float = 5.0, *, max_queued_rows: int = 4096):
+        self.wait_s = max(0.0, batch_wait_ms) / 1000
+        super().__init__(engine, max_batch, max_queued_rows)
+        self.count(batches=0, padding_rows=0, generate_calls=0, score_calls=0, failed_batches=0)
 
     def _fits(self, batch: list[Row], row: Row) -> bool:
         """Generating rows share one cache: the longest prompt plus the most new tokens."""
@@ -78,31 +41,13 @@ class Batcher:
             return True
         return max(len(r.prompt) for r in gen) + max(r.settings.max_new_tokens for r in gen) <= self.engine.max_len
 
-    def _collect(self) -> list[Row] | None:
-        with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            deadline = time.monotonic() + self.wait_s
-            while len(self._queue) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch, rest = [], []
-            for row in self._queue:
-                if row.job.finished or row.job.cancelled:
-                    continue
-                if not rest and len(batch) < self.max_batch and self._fits(batch, row):
-                    batch.append(row)
-                else:
-                    rest.append(row)  # keep arrival order: a row that does not fit leads the next batch
-            self._queue = rest
-            return batch
-
     def _loop(self) -> None:
-        while (batch := self._collect()) is not None:
+        while self.wait_for_work():
+            deadline = time.monotonic() + self.wait_s
+            with self._cond:  # wait a little for rows that arrive together
+                while self._queued < self.max_batch and not self._stopping and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            batch = self.take(self.max_batch, self._fits)
             if batch:
                 self._run(batch)
 
@@ -114,8 +59,8 @@ class Batcher:
 
     def _run(self, batch: list[Row]) -> None:
         eos, padding = self.engine.tokenizer.eos_id, 0
+        gen, scoring = [r for r in batch if r.settings.max_new_tokens > 0], [r for r in batch if r.score]
         try:
-            gen = [r for r in batch if r.settings.max_new_tokens > 0]
             if gen:
                 prompts = self._padded([r.prompt for r in gen], [eos])
                 settings = self._padded([r.settings for r in gen], SamplingConfig(max_new_tokens=1))
@@ -128,7 +73,7 @@ class Batcher:
                 top = max(r.top_logprobs for r in gen)
                 for row, completion in zip(gen, self.engine.generate(prompts, settings, on_text=on_text, logprobs=top)):
                     row.completion = completion
-            scoring = [r for r in batch if r.score]
+                self.produced(sum(len(r.completion.tokens) + r.completion.eos for r in gen))
             if scoring:
                 sequences = self._padded([r.sequence(eos) for r in scoring], [eos])
                 padding += len(sequences) - len(scoring)
@@ -137,16 +82,11 @@ class Batcher:
                     row.scored = scored
         except Exception as ex:  # noqa: BLE001 - a failed batch fails its jobs, never the worker
             log.exception("batch of %d rows failed", len(batch))
-            with self._cond:
-                self._counts["failed_batches"] += 1
+            self.count(failed_batches=1)
+            error = ServerError(f"the model failed on this batch: {type(ex).__name__}: {ex}")
             for row in batch:
-                row.job.fail(ServerError(f"the model failed on this batch: {type(ex).__name__}: {ex}"))
+                self.finished(row, error)
             return
-        with self._cond:
-            self._counts["batches"] += 1
-            self._counts["rows"] += len(batch)
-            self._counts["padding_rows"] += padding
-            self._counts["score_calls"] += bool(scoring)
-            self._counts["generate_calls"] += bool(gen)
+        self.count(batches=1, padding_rows=padding, score_calls=bool(scoring), generate_calls=bool(gen))
         for row in batch:
-            row.job.row_done(row.index)
+            self.finished(row)

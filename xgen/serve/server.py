@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 from xgen.config import ChatTemplateConfig, XGenConfig
 from xgen.generate import Engine
-from xgen.serve.batcher import Batcher
 from xgen.serve.jobs import Job, Row, ServerError
 from xgen.serve.protocol import (
     CompletionRequest,
@@ -34,6 +33,7 @@ from xgen.serve.protocol import (
     sse,
     usage,
 )
+from xgen.serve.scheduling import make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class XGenServer(ThreadingHTTPServer):
         self.template = template or ChatTemplateConfig()
         self.default_max_tokens, self.max_body_bytes = default_max_tokens, max_body_bytes
         self.limits = Limits(engine.max_len, getattr(engine, "vocab_limit", engine.tokenizer.n_tokens))
-        self.batcher = Batcher(engine, max_batch, batch_wait_ms)
+        self.batcher = make_scheduler(engine, "static", max_batch=max_batch, batch_wait_ms=batch_wait_ms)
         self._thread: threading.Thread | None = None
 
     @property

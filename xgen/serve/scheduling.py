@@ -1,0 +1,194 @@
+"""What every scheduler shares: the queue, admission, shutdown and the operators' counters.
+
+A scheduler owns the Engine (which is not thread-safe) on one worker thread; HTTP handlers
+only `submit` jobs. Rows wait in one queue per request and are taken round-robin over
+requests (`take`), so a request of 2,000 prompts shares the model with a request of one
+instead of running ahead of it. `close(grace_s)` stops admitting new requests, lets what
+is queued and running finish for up to `grace_s` seconds, then fails the rest (503): a
+stream then ends with an error event and `data: [DONE]`, never mid-air.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from xgen.serve.jobs import Job, Row, ServerError
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 10.0  # tokens/s in counters() is over this many recent seconds
+COUNTS = ("requests", "rows", "generated_tokens", "prompt_tokens", "failed_rows", "rejected_requests")
+
+
+class Scheduler:
+    """The base of `Batcher` (static) and `ContinuousBatcher`; subclasses write `_loop`,
+    which calls `take` for work and `finished`/`produced` as rows progress."""
+
+    kind = ""
+
+    def __init__(self, engine, max_batch: int = 8, max_queued_rows: int = 4096):
+        self.engine, self.max_batch, self.max_queued_rows = engine, max(1, max_batch), max(1, max_queued_rows)
+        self._queues: collections.OrderedDict[Job, collections.deque[Row]] = collections.OrderedDict()
+        self._queued = 0
+        self._running: set[Row] = set()
+        self._cond = threading.Condition()
+        self._accepting, self._stopping = True, False
+        self._counts = dict.fromkeys(COUNTS, 0)
+        self._extra: dict[str, int] = {}
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run_loop, name=f"xgen-{self.kind}-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- the HTTP side -----------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job's rows (503 while shutting down, 429 when the queue is full); rows with
+        nothing to compute finish at once."""
+        work = [row for row in job.rows if row.score or row.settings.max_new_tokens > 0]
+        with self._cond:
+            if not self._accepting:
+                self._counts["rejected_requests"] += 1
+                raise ServerError("the server is shutting down", 503)
+            if self._queued + len(work) > self.max_queued_rows:
+                self._counts["rejected_requests"] += 1
+                raise ServerError(
+                    f"the server's queue is full ({self._queued} rows wait, at most {self.max_queued_rows}); retry later",
+                    429,
+                )
+            self._counts["requests"] += 1
+            if work:
+                self._queues[job] = collections.deque(work)
+                self._queued += len(work)
+            self._cond.notify_all()
+        for row in job.rows:
+            if not (row.score or row.settings.max_new_tokens > 0):
+                job.row_done(row.index)
+        return job
+
+    def close(self, grace_s: float = 0.0, timeout: float = 30.0) -> None:
+        """Stop admitting requests; give queued and running rows `grace_s` seconds; fail the
+        rest with 503; stop the worker."""
+        deadline = time.monotonic() + max(0.0, grace_s)
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+            while (self._queued or self._running) and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(left, 0.1))
+            self._stopping = True
+            pending = [row for rows in self._queues.values() for row in rows]
+            self._queues.clear()
+            self._queued = 0
+            self._cond.notify_all()
+        if pending:
+            log.warning("shutting down: %d queued rows were not started (answered 503)", len(pending))
+        for row in pending:
+            row.job.fail(ServerError("the server is shutting down", 503))
+        self._thread.join(timeout)
+        with self._cond:
+            running, self._running = list(self._running), set()
+        for row in running:
+            row.job.fail(ServerError("the server shut down before this row finished", 503))
+
+    def counters(self) -> dict[str, float]:
+        """Totals since start, what waits and runs now, and tokens/s over the last 10 s."""
+        now = time.monotonic()
+        with self._cond:
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
+            window = min(RATE_WINDOW_S, now - self._started) or 1.0
+            rate = sum(n for _, n in self._recent) / window
+            return {
+                **self._counts, **self._extra, "queued_rows": self._queued, "queued_requests": len(self._queues),
+                "running_rows": len(self._running), "tokens_per_s": round(rate, 2), "max_batch": self.max_batch,
+            }  # fmt: skip
+
+    # ---- the worker side ---------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # noqa: BLE001 - a dead worker must not leave requests waiting forever
+            log.exception("the %s scheduler stopped", self.kind)
+            with self._cond:
+                self._accepting, self._stopping = False, True
+                rows = [row for rows in self._queues.values() for row in rows] + list(self._running)
+                self._queues.clear()
+                self._queued, self._running = 0, set()
+            for row in rows:
+                row.job.fail(ServerError("the model's scheduler failed; see the server log"))
+
+    def count(self, **increments: int) -> None:
+        """Scheduler-specific counters (batches, padding rows, ...), reported by counters()."""
+        with self._cond:
+            for key, n in increments.items():
+                self._extra[key] = self._extra.get(key, 0) + n
+
+    def wait_for_work(self) -> bool:
+        """Block until a row is queued or something runs; False once the worker must stop."""
+        with self._cond:
+            while not self._stopping and not self._queued and not self._running:
+                self._cond.wait()
+            return not self._stopping
+
+    def take(self, limit: int, fits=None) -> list[Row]:
+        """Up to `limit` queued rows, one per request in turn (round-robin), skipping those of
+        cancelled or failed requests. `fits(taken, row)`: whether `row` may join; the first
+        row that does not ends the taking (it leads next time, arrival order is kept)."""
+        taken: list[Row] = []
+        with self._cond:
+            while len(taken) < limit and self._queues:
+                job, rows = next(iter(self._queues.items()))
+                if job.finished or job.cancelled:
+                    self._queued -= len(rows)
+                    del self._queues[job]
+                    continue
+                if fits is not None and not fits(taken, rows[0]):
+                    break
+                taken.append(rows.popleft())
+                self._queued -= 1
+                if rows:
+                    self._queues.move_to_end(job)  # the next row comes from the next request
+                else:
+                    del self._queues[job]
+            self._running.update(taken)
+            return taken
+
+    def produced(self, tokens: int) -> None:
+        """`tokens` new tokens were generated (tokens/s and the total)."""
+        with self._cond:
+            self._counts["generated_tokens"] += tokens
+            self._recent.append((time.monotonic(), tokens))
+
+    def finished(self, row: Row, error: ServerError | None = None) -> None:
+        """A row is done (or failed): tell its job, free its place."""
+        with self._cond:
+            self._running.discard(row)
+            self._counts["rows"] += 1
+            self._counts["prompt_tokens"] += len(row.prompt)
+            self._counts["failed_rows"] += error is not None
+            self._cond.notify_all()
+        if error is not None:
+            row.job.fail(error)
+        else:
+            row.job.row_done(row.index)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+def make_scheduler(engine, scheduler: str = "continuous", *, max_batch: int = 8, prefill_chunk: int = 128,
+                   batch_wait_ms: float = 5.0, max_queued_rows: int = 4096) -> Scheduler:  # fmt: skip
+    """The scheduler `serve.scheduler` names (docs/serving.md compares the two)."""
+    if scheduler == "static":
+        from xgen.serve.batcher import Batcher
+
+        return Batcher(engine, max_batch, batch_wait_ms, max_queued_rows=max_queued_rows)
+    if scheduler == "continuous":
+        from xgen.serve.continuous import ContinuousBatcher
+
+        return ContinuousBatcher(engine, max_batch, prefill_chunk=prefill_chunk, max_queued_rows=max_queued_rows)
+    raise ValueError(f"serve.scheduler={scheduler!r}: use continuous or static")
