@@ -21,6 +21,7 @@ from flax import nnx
 
 from xgen.config import SamplingConfig
 from xgen.generate.sampling import N_TOP_LOGPROBS, next_tokens
+from xgen.generate.stops import StopMatcher
 from xgen.model.transformer import KVCache, XGenModel, write_cache
 from xgen.runtime import Runtime
 from xgen.tokenizer import Tokenizer
@@ -58,14 +59,14 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-class _RowText:
+class RowText:
     """Incremental detokenization of one row: streams text once its UTF-8 is complete and it
     cannot be the start of a stop string; finds the earliest stop string. Work per token is
-    the new bytes plus a scan of the text's tail, not the whole text."""
+    the new bytes times the number of stop strings (a streaming KMP matcher, see
+    `xgen.generate.stops`), whatever the stop strings' lengths."""
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
-        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
-        self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.tokenizer, self.matcher = tokenizer, StopMatcher(stops)
         self.ids: list[int] = []
         self.ends: list[int] = []  # byte length of the text after each token
         self.raw = bytearray()
@@ -89,13 +90,12 @@ class _RowText:
         self.ends.append(len(self.raw))
         previous = len(self.text)
         text = self._text()
-        start = max(0, previous - self.longest_stop)
-        cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = self.matcher.feed(text[previous:])
+        if cut is not None:
             self.text, self.stopped = text[:cut], True
             return self.flush(), True
         self.text = text
-        hold = max((k for s in self.stops for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
+        hold = self.matcher.hold
         delta = text[self.emitted : max(len(text) - hold, self.emitted)]
         self.emitted += len(delta)
         return delta, False
@@ -280,7 +280,7 @@ class Engine:
         sampling = lambda step: (seeds, np.int32(step), temp, top_k, top_p)  # noqa: E731
 
         out = [Completion(prompt_tokens=list(p)) for p in prompts]
-        rows = [_RowText(self.tokenizer, s.stop) for s in settings]
+        rows = [RowText(self.tokenizer, s.stop) for s in settings]
         done = np.zeros(b, bool)
         caches = self.runtime.kv_caches(b, slots)
         (ids, lp, top_ids, top_lp), new_kv = self._prefill(

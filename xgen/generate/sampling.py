@@ -36,13 +36,16 @@ def next_tokens(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [B, V] float32 -> (ids [B], their logprobs [B], top ids [B, 5], top logprobs [B, 5]).
 
-    Logprobs are the model's own distribution (before temperature and filtering), as
-    OpenAI's API reports them. Sorting the vocabulary is skipped when every row is greedy."""
+    `step` (the index of the token being chosen) is one number or one per row: rows of a
+    continuous batch are at different steps. Logprobs are the model's own distribution
+    (before temperature and filtering), as OpenAI's API reports them. Sorting the
+    vocabulary is skipped when every row is greedy."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled():
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+        steps = jnp.broadcast_to(step, seeds.shape)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
         return jax.vmap(_sample_row)(logits, keys, temperature, top_k, top_p).astype(jnp.int32)
 
     ids = jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy, sampled)

@@ -21,7 +21,7 @@ from typing import Any
 
 from xgen.generate import SamplingConfig
 from xgen.serve.jobs import Row, ServerError
-from xgen.serve.scheduling import Scheduler
+from xgen.serve.scheduling import Scheduler, padded_to_power_of_two
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,7 @@ class Batcher(Scheduler):
                 self._run(batch)
 
     def _padded(self, rows: list[Any], pad: Any) -> list[Any]:
-        size = 1
-        while size < len(rows):
-            size *= 2
-        return rows + [pad] * (min(size, self.max_batch) - len(rows))
+        return padded_to_power_of_two(rows, pad, self.max_batch)
 
     def _run(self, batch: list[Row]) -> None:
         eos, padding = self.engine.tokenizer.eos_id, 0

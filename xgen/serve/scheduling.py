@@ -180,6 +180,15 @@ class Scheduler:
         raise NotImplementedError
 
 
+def padded_to_power_of_two(items: list, pad, cap: int) -> list:
+    """`items` and copies of `pad` up to the next power of two (at most `cap`): each new batch
+    size is an XLA compilation, so this bounds them at log2(cap) + 1."""
+    size = 1
+    while size < len(items):
+        size *= 2
+    return items + [pad] * (min(size, cap) - len(items))
+
+
 def make_scheduler(engine, scheduler: str = "continuous", *, max_batch: int = 8, prefill_chunk: int = 128,
                    batch_wait_ms: float = 5.0, max_queued_rows: int = 4096) -> Scheduler:  # fmt: skip
     """The scheduler `serve.scheduler` names (docs/serving.md compares the two)."""
