@@ -93,7 +93,7 @@ class Scheduler:
         for row in running:
             row.job.fail(ServerError("the server shut down before this row finished", 503))
 
-    def counters(self) -> dict[str, float]:
+    def counters(self) -> dict[str, float | str]:
         """Totals since start, what waits and runs now, and tokens/s over the last 10 s."""
         now = time.monotonic()
         with self._cond:
@@ -102,7 +102,7 @@ class Scheduler:
             window = min(RATE_WINDOW_S, now - self._started) or 1.0
             rate = sum(n for _, n in self._recent) / window
             return {
-                **self._counts, **self._extra, "queued_rows": self._queued, "queued_requests": len(self._queues),
+                "scheduler": self.kind, **self._counts, **self._extra, "queued_rows": self._queued, "queued_requests": len(self._queues),
                 "running_rows": len(self._running), "tokens_per_s": round(rate, 2), "max_batch": self.max_batch,
             }  # fmt: skip
 
