@@ -11,14 +11,14 @@ from xgen.generate import SamplingConfig
 from xgen.serve.continuous import ContinuousBatcher
 from xgen.serve.jobs import Job, Row, ServerError
 
-LENGTHS = (3, 17, 40, 5, 33, 70, 1, 16)  # 16-token pieces: prompts of 1 to 5 pieces
+LENGTHS = (3, 17, 40, 5, 33, 70, 1, 16)  # 64-token chunks or 16-token pieces: prompts of 1 to 5 pieces
 NEW = (5, 12, 3, 20, 7, 9, 4, 15)
 
 
 @pytest.fixture(scope="module")
 def batcher(engine):
     """3 slots (fewer than the requests: rows wait, join and leave) and 16-token pieces."""
-    cb = ContinuousBatcher(engine, max_batch=3, prefill_chunk=16)
+    cb = ContinuousBatcher(engine, max_batch=3, prefill_chunk=64)
     yield cb
     cb.close()
 
@@ -85,7 +85,7 @@ def test_echo_rows_are_scored_after_generating(batcher, engine):
 
 
 def test_close_fails_what_cannot_finish_within_the_grace_and_refuses_new_work(engine):
-    cb = ContinuousBatcher(engine, max_batch=2, prefill_chunk=16)
+    cb = ContinuousBatcher(engine, max_batch=2, prefill_chunk=64)
     try:
         slow = [cb.submit(Job([Row(p, SamplingConfig(max_new_tokens=200, temperature=0.0, stop=()))])) for p in prompts(4)]
     finally:

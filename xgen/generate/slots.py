@@ -8,9 +8,10 @@ any traffic, so nothing recompiles while serving:
 
 - `decode`: one token for every slot, each at its own position (rows that are not
   decoding compute a throwaway token; a fixed shape costs less than a recompilation);
-- `prefill`: prompt pieces of `chunk` tokens for 1 or `pieces` rows at once, written at
-  their offsets. A newcomer's prompt enters over several steps, so the running rows wait
-  at most one prefill of `pieces x chunk` tokens per step (chunked prefill).
+- `prefill`: up to `chunk` prompt tokens per call, either one piece of `chunk` tokens for
+  one row or `pieces` pieces of `chunk / pieces` tokens for as many rows. A newcomer's
+  prompt enters over several steps, and the running rows wait at most one prefill of
+  `chunk` tokens per step (chunked prefill).
 
 Keys and values are written by separate donated updates after the step that read them,
 as in `Engine`, so XLA updates the cache in place instead of copying it.
@@ -44,9 +45,10 @@ class SlotCache:
     def __init__(self, engine: Engine, rows: int, chunk: int = 128, pieces: int = 4):
         self.engine = engine
         self.rows = _round_up(max(1, rows), engine.row_multiple)
-        self.chunk = _round_up(max(1, chunk), 16)
-        self.length = _round_up(engine.max_len, self.chunk)
         self.pieces = max(1, min(pieces, self.rows))
+        self.piece = _round_up(max(1, chunk // self.pieces), 16)  # tokens of one of several pieces
+        self.chunk = self.piece * self.pieces  # prefill tokens per call, whichever shape
+        self.length = _round_up(engine.max_len, self.chunk)
         self.caches = engine.runtime.kv_caches(self.rows, self.length)
         self._decode = jax.jit(self._decode_fn)
         self._write_tokens = jax.jit(self._write_tokens_fn, donate_argnums=0)
@@ -115,21 +117,27 @@ class SlotCache:
         self.caches = self._write_tokens(self.caches, new_kv, lengths)
         return jax.device_get(sampled)
 
+    def piece_length(self, starts: Sequence[int]) -> int:
+        """How many prompt tokens each of rows at offsets `starts` may enter in one call: the
+        whole chunk for a single row at a chunk boundary, else a piece each."""
+        return self.chunk if len(starts) == 1 and starts[0] % self.chunk == 0 else self.piece
+
     def prefill(self, pieces: Sequence[tuple[int, int, Sequence[int]]], sampling: tuple) -> Sampled:
-        """Prefill pieces (row, start, tokens): at most `pieces` of them, rows distinct,
-        starts multiples of `chunk`, up to `chunk` tokens each. `sampling` holds arrays of
-        the pieces' length. Returns the token sampled after each piece ([len(pieces)])."""
+        """Prefill pieces (row, start, tokens): at most `pieces` of them, rows distinct, each
+        of at most `piece_length` tokens at a multiple of it. `sampling` holds arrays of the
+        pieces' length. Returns the token sampled after each piece ([len(pieces)])."""
         n = len(pieces)
         if not 0 < n <= self.pieces or len({r for r, _, _ in pieces}) != n:
             raise ValueError(f"prefill takes 1 to {self.pieces} pieces of distinct rows, got {n}")
-        p = 1 if n == 1 else self.pieces  # two compiled shapes: one piece, or a full set
+        width = self.piece_length([start for _, start, _ in pieces])
+        p = 1 if width == self.chunk else self.pieces  # two compiled shapes: [1, chunk], [pieces, piece]
         spare = [r for r in range(self.rows) if r not in {row for row, _, _ in pieces}]
         rows = np.array([r for r, _, _ in pieces] + spare[: p - n], np.int32)
-        tokens = np.zeros((p, self.chunk), np.int32)
+        tokens = np.zeros((p, width), np.int32)
         starts, n_valid = np.zeros(p, np.int32), np.ones(p, np.int32)
         for i, (_, start, piece) in enumerate(pieces):
-            if start % self.chunk or not 0 < len(piece) <= self.chunk or start + len(piece) > self.engine.max_len:
-                raise ValueError(f"a prefill piece of {len(piece)} tokens at {start} does not fit chunk {self.chunk}")
+            if start % width or not 0 < len(piece) <= width or start + len(piece) > self.engine.max_len:
+                raise ValueError(f"a prefill piece of {len(piece)} tokens at {start} does not fit pieces of {width}")
             tokens[i, : len(piece)], starts[i], n_valid[i] = piece, start, len(piece)
         valid = np.arange(p) < n
         padded = tuple(np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], p - n)]) for a in sampling)

@@ -3,9 +3,10 @@
 The worker keeps a `SlotCache` of `max_batch` slots. Each step it
 1. admits queued rows into free slots, round-robin over requests (`Scheduler.take`), so a
    request of many prompts shares the slots with the others instead of going first;
-2. runs one prefill piece (up to `prefill_chunk` tokens) for up to 4 rows still entering,
-   oldest first: a long prompt enters over several steps, and the rows already decoding
-   wait at most one piece per step (chunked prefill);
+2. runs one prefill call of `prefill_chunk` prompt tokens: one piece of that length for a
+   single row still entering, or a quarter of it for each of up to 4 such rows (oldest
+   first). A long prompt enters over several steps, and the rows already decoding wait at
+   most one such call per step (chunked prefill);
 3. runs one decoding step for every slot and hands each decoding row its token: streamed
    text, end-of-text, stop strings and `max_tokens` retire a row at once, and its slot
    is free for the next step;
@@ -107,7 +108,8 @@ class ContinuousBatcher(Scheduler):
         entering = sorted(entering, key=lambda ia: ia[1].prefilled)[: cache.pieces]  # oldest (furthest along) first
         if not entering:
             return
-        pieces = [(i, a.prefilled, a.row.prompt[a.prefilled : a.prefilled + cache.chunk]) for i, a in entering]
+        width = cache.piece_length([a.prefilled for _, a in entering])
+        pieces = [(i, a.prefilled, a.row.prompt[a.prefilled : a.prefilled + width]) for i, a in entering]
         index = np.array([i for i, _ in entering])
         sampled = cache.prefill(pieces, self._arrays(sampling, index, np.zeros(len(index))))
         self.count(prefill_calls=1)
