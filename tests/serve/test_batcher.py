@@ -43,7 +43,7 @@ class FakeEngine:
 @pytest.fixture
 def fake():
     engine = FakeEngine()
-    srv = XGenServer(engine, port=0, max_batch=4, batch_wait_ms=50).start()
+    srv = XGenServer(engine, port=0, scheduler="static", max_batch=4, batch_wait_ms=50).start()
     yield engine, srv, Client(srv.url)
     srv.close()
 

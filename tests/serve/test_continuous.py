@@ -4,6 +4,8 @@ hold back a request of one; shutdown finishes or fails rows, never leaves them w
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,26 @@ def test_close_fails_what_cannot_finish_within_the_grace_and_refuses_new_work(en
     with pytest.raises(ServerError) as err:
         cb.submit(Job([Row([1, 2], SamplingConfig(max_new_tokens=2))]))
     assert err.value.status == 503
+
+
+@pytest.mark.parametrize("grace", [0.0, 120.0])
+def test_shutdown_ends_a_running_stream_with_an_error_and_done_or_lets_it_finish(engine, grace):
+    from tests.serve.test_http import Stream
+    from xgen.serve import XGenServer
+
+    srv = XGenServer(engine, port=0, model_name="tiny", max_batch=2, prefill_chunk=64).start()
+    try:
+        stream = Stream(srv.url, {"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0})
+        first = stream.next()
+        assert first["choices"][0]["finish_reason"] is None  # running
+    finally:
+        closer = threading.Thread(target=srv.close, args=(grace,))
+        closer.start()
+    events = stream.rest()
+    closer.join()
+    assert events[-1] == "[DONE]"  # never a cut stream
+    if grace:
+        assert events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+        assert "".join(e["choices"][0]["text"] for e in [first, *events[:-1]])
+    else:
+        assert events[-2]["error"]["type"] == "server_error" and "shut down" in events[-2]["error"]["message"]

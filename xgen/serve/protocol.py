@@ -1,6 +1,6 @@
 """OpenAI's wire format: request JSON → typed requests (every check names its field), results → JSON.
 
-Validation happens here, in the HTTP handler's thread, before anything reaches the batcher:
+Validation happens here, in the request's handler, before anything reaches the scheduler:
 a request the engine would refuse (a prompt too long for the cache, a token id outside the
 vocabulary) is answered with a 400 naming the field, so a bad request never fails a batch
 that other requests share.
@@ -24,24 +24,34 @@ from xgen.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 5  # OpenAI's limit, and what the engine returns per token
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; lm-eval tasks may send more)
+MAX_STOP_CHARS = 2**20  # characters over all of a request's stop strings
+MAX_N = 16  # choices per prompt (`n`)
 
 _SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options"}
 _SAMPLING |= {"user"}  # accepted and ignored, as an end-user id
 # Fields OpenAI clients send with their neutral value; anything else is refused, not ignored.
 _NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {})}
 COMPLETION_FIELDS = _SAMPLING | set(_NEUTRAL) | {"prompt", "logprobs", "echo"}
-CHAT_FIELDS = _SAMPLING | set(_NEUTRAL) | {"messages", "max_completion_tokens", "logprobs"}
+CHAT_FIELDS = _SAMPLING | set(_NEUTRAL) | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
 
 class RequestError(Exception):
     """A request the server refuses: an HTTP status and OpenAI's error object."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
+        message = " ".join(message.split())  # one line, whatever an exception's text held
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -61,6 +71,7 @@ class CompletionRequest:
     echo: bool
     stream: bool
     include_usage: bool
+    n: int = 1  # choices per prompt: choice i * n + j is prompt i's j-th
 
 
 @dataclass
@@ -69,19 +80,50 @@ class ChatRequest:
     settings: SamplingConfig
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+def choice_settings(settings: SamplingConfig, n: int) -> list[SamplingConfig]:
+    """The settings of a prompt's n choices: choice j samples with seed + j (mod 2**32), so a
+    seeded request is reproducible and its choices differ."""
+    return [dataclasses.replace(settings, seed=(settings.seed + j) % 2**32) for j in range(n)]
 
 
 def parse_json(raw: bytes) -> dict:
+    """A request body: a JSON object, or a 400 (never a 500) for whatever else a client sends:
+    bytes that are not UTF-8 JSON, nesting deeper than the parser's recursion limit, an integer
+    beyond Python's digit limit for int conversion."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+    except RecursionError:
+        raise RequestError("request body is not valid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as ex:  # JSONDecodeError, and int conversion limits
         raise RequestError(f"request body is not valid JSON: {ex}") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {_kind(body)}")
     return body
 
 
+def check_model(body: dict, served: str) -> None:
+    """`model` may be absent (lm-evaluation-harness and older clients omit it) or the served
+    name; any other is OpenAI's 404 model_not_found."""
+    model = _get(body, "model", (str,), None)
+    if model is not None and model != served:
+        raise RequestError(
+            f"the model '{_short(model)}' does not exist; this server serves '{served}'",
+            "model", status=404, code="model_not_found",
+        )  # fmt: skip
+
+
 # ---- field checks ----------------------------------------------------------------------
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A client's value in an error message, cut to `limit` characters."""
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, (list, dict)) else _kind(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(value: Any) -> str:
@@ -105,13 +147,13 @@ def _get(body: dict, name: str, types: tuple[type, ...], default: Any) -> Any:
 
 def _check_range(name: str, value, lo, hi, what: str) -> None:
     if not (lo <= value <= hi):
-        raise RequestError(f"'{name}' must be {what}, got {value}", name)
+        raise RequestError(f"'{name}' must be {what}, got {_short(value)}", name)
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
     for name in body:
         if name not in allowed:
-            raise RequestError(f"unknown field '{name}' (supported: {', '.join(sorted(allowed))})", name)
+            raise RequestError(f"unknown field '{_short(name)}' (supported: {', '.join(sorted(allowed))})", _short(name))
     for name, neutral in _NEUTRAL.items():
         if name in body and body[name] not in neutral:
             raise RequestError(f"'{name}' is not supported (only {neutral[-1]!r})", name)
@@ -126,15 +168,21 @@ def _stops(body: dict) -> tuple[str, ...]:
         raise RequestError("'stop' must be a non-empty string or an array of non-empty strings", "stop")
     if len(stops) > MAX_STOPS:
         raise RequestError(f"'stop' has {len(stops)} strings; at most {MAX_STOPS}", "stop")
+    if (chars := sum(map(len, stops))) > MAX_STOP_CHARS:
+        raise RequestError(f"'stop' strings have {chars} characters in all; at most {MAX_STOP_CHARS}", "stop")
     return tuple(stops)
+
+
+def _n(body: dict) -> int:
+    n = _get(body, "n", (int,), 1)
+    _check_range("n", n, 1, MAX_N, f"an integer from 1 to {MAX_N}")
+    return n
 
 
 def _sampling(body: dict, longest: int, limits: Limits, default_max: int, min_max: int, prompt_param: str):
     """Settings shared by both endpoints; max_tokens is checked against the longest prompt."""
     _get(body, "model", (str,), None)
     _get(body, "user", (str,), None)
-    if _get(body, "n", (int,), 1) != 1:
-        raise RequestError("'n' must be 1 (one completion per prompt)", "n")
     room = limits.max_len - longest
     if room < min_max:
         need = ", which with one new token" if min_max else ", which"
@@ -146,10 +194,10 @@ def _sampling(body: dict, longest: int, limits: Limits, default_max: int, min_ma
     if max_tokens is None:
         max_tokens = min(default_max, room)
     elif max_tokens < min_max:
-        raise RequestError(f"'{name}' must be an integer >= 1 (0 only with echo=true), got {max_tokens}", name)
+        raise RequestError(f"'{name}' must be an integer >= 1 (0 only with echo=true), got {_short(max_tokens)}", name)
     elif max_tokens > room:
         raise RequestError(
-            f"'{name}'={max_tokens} plus the prompt's {longest} token(s) exceeds the model's context of "
+            f"'{name}'={_short(max_tokens)} plus the prompt's {longest} token(s) exceeds the model's context of "
             f"{limits.max_len} tokens (at most {room})",
             name,
         )
@@ -157,7 +205,7 @@ def _sampling(body: dict, longest: int, limits: Limits, default_max: int, min_ma
     _check_range("temperature", temperature, 0.0, 2.0, "between 0 and 2")
     top_p = float(_get(body, "top_p", (int, float), 1.0))
     if not 0.0 < top_p <= 1.0:
-        raise RequestError(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+        raise RequestError(f"'top_p' must be in (0, 1], got {_short(top_p)}", "top_p")
     top_k = _get(body, "top_k", (int,), 0)
     _check_range("top_k", top_k, 0, limits.vocab, "an integer >= 0 (0: off)")
     seed = _get(body, "seed", (int,), None)
@@ -173,7 +221,7 @@ def _sampling(body: dict, longest: int, limits: Limits, default_max: int, min_ma
 def _token_prompt(ids: list, limits: Limits, param: str) -> list[int]:
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < limits.vocab:
-            raise RequestError(f"'{param}' holds {t!r}, not a token id in [0, {limits.vocab})", param)
+            raise RequestError(f"'{param}' holds {_short(t)}, not a token id in [0, {limits.vocab})", param)
     return ids
 
 
@@ -184,6 +232,7 @@ def parse_completion(body: dict, tokenizer: Tokenizer, limits: Limits) -> Comple
     """POST /v1/completions. A prompt is a string, strings, token ids, or lists of token ids;
     each becomes one choice."""
     _check_fields(body, COMPLETION_FIELDS)
+    n = _n(body)
     if "prompt" not in body:
         raise RequestError("'prompt' is required", "prompt")
     prompt = body["prompt"]
@@ -208,7 +257,7 @@ def parse_completion(body: dict, tokenizer: Tokenizer, limits: Limits) -> Comple
         _check_range("logprobs", logprobs, 0, MAX_LOGPROBS, f"null or an integer from 0 to {MAX_LOGPROBS}")
         if stream:
             raise RequestError("'logprobs' is not supported with stream=true", "logprobs")
-    return CompletionRequest(prompts, texts, settings, logprobs, echo, stream, usage)
+    return CompletionRequest(prompts, texts, settings, logprobs, echo, stream, usage, n)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -232,7 +281,7 @@ def _messages(body: dict) -> list[dict]:
         role = "system" if m["role"] == "developer" else m["role"]
         if role not in ("system", "user", "assistant") or (role == "system" and i > 0):
             raise RequestError(
-                f"'{where}.role' is {m['role']!r}; roles are user and assistant, with an optional system "
+                f"'{where}.role' is {_short(m['role'])!r}; roles are user and assistant, with an optional system "
                 "(or developer) message first",
                 f"{where}.role",
             )
@@ -246,12 +295,19 @@ def parse_chat(
     """POST /v1/chat/completions: the conversation is rendered with the config's chat template,
     and its end-of-turn strings stop generation besides the request's own."""
     _check_fields(body, CHAT_FIELDS)
-    if body.get("logprobs"):
-        raise RequestError("'logprobs' is not supported for chat; use /v1/completions", "logprobs")
+    n = _n(body)
+    logprobs = _get(body, "logprobs", (bool,), False)
+    top = _get(body, "top_logprobs", (int,), None)
+    if top is not None:
+        _check_range("top_logprobs", top, 0, MAX_LOGPROBS, f"an integer from 0 to {MAX_LOGPROBS}")
+        if not logprobs:
+            raise RequestError("'top_logprobs' needs logprobs=true", "top_logprobs")
     prompt = prompt_ids(template, _messages(body), tokenizer)
     settings, stream, usage = _sampling(body, len(prompt), limits, default_max_tokens, 1, "messages")
+    if logprobs and stream:
+        raise RequestError("'logprobs' is not supported with stream=true", "logprobs")
     stops = tuple(dict.fromkeys([*stop_strings(template), *settings.stop]))
-    return ChatRequest(prompt, dataclasses.replace(settings, stop=stops), stream, usage)
+    return ChatRequest(prompt, dataclasses.replace(settings, stop=stops), stream, usage, n, logprobs, top or 0)
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -271,12 +327,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    try:
+        return tokenizer.encoding.decode_single_token_bytes(token)
+    except KeyError:
+        return b""
+
+
 def token_string(tokenizer: Tokenizer, token: int) -> str:
     """One token's text as OpenAI shows it: its bytes, invalid UTF-8 replaced."""
-    try:
-        return tokenizer.encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-    except KeyError:
-        return ""
+    return token_bytes(tokenizer, token).decode("utf-8", errors="replace")
 
 
 def logprobs_block(
@@ -304,6 +364,22 @@ def logprobs_block(
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def chat_logprobs(
+    tokenizer: Tokenizer, tokens: Sequence[int], token_logprobs: Sequence[float], top: Sequence[dict[int, float]], k: int
+) -> dict:
+    """OpenAI's chat `logprobs` object: per token its text, log-probability and UTF-8 bytes,
+    with the k most likely alternatives in the same shape."""
+
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": token_string(tokenizer, token), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token))}
+
+    content = []
+    for i, (t, lp) in enumerate(zip(tokens, token_logprobs)):
+        alternatives = list(top[i].items())[:k] if k and i < len(top) else []
+        content.append(entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in alternatives]})
+    return {"content": content}
 
 
 def sse(data: dict | str) -> bytes:

@@ -1,8 +1,8 @@
 """task=serve: load `checkpoint` and answer OpenAI-style requests until Ctrl-C or SIGTERM.
 
-The HTTP server runs in a background thread and the main thread waits for a signal, so a
-signal handler only sets an event: `shutdown()` called from inside `serve_forever`'s own
-thread would deadlock.
+The HTTP server (uvicorn) runs its event loop in a background thread and the main thread
+waits for a signal, so a signal handler only sets an event; the main thread then closes the
+server with `serve.shutdown_grace_s` for what still runs (see XGenServer.close).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _check_address(host: str, port: int) -> None:
 
 def run(cfg: XGenConfig, run_dir: Path, stop: threading.Event | None = None) -> dict:
     """Serve until `stop` is set (by SIGINT/SIGTERM when run from the command line);
-    returns the batcher's counters."""
+    returns the scheduler's counters."""
     s = cfg.serve
     if cfg.checkpoint is None:
         raise ConfigError("task=serve needs checkpoint=<a run directory, a checkpoint or a Hugging Face directory>")
@@ -58,10 +58,10 @@ def run(cfg: XGenConfig, run_dir: Path, stop: threading.Event | None = None) -> 
         while not stop.wait(0.5):
             pass
     finally:
-        log.info("shutting down")
-        server.close()
+        log.info("shutting down (running requests get up to %g s: serve.shutdown_grace_s)", s.shutdown_grace_s)
+        server.close(grace_s=s.shutdown_grace_s)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     counters = server.batcher.counters()
-    log.info("served %d rows in %d batches", counters["rows"], counters["batches"])
+    log.info("served %d requests (%d rows, %d generated tokens)", counters["requests"], counters["rows"], counters["generated_tokens"])
     return counters
