@@ -122,3 +122,42 @@ def test_shutdown_ends_a_running_stream_with_an_error_and_done_or_lets_it_finish
         assert "".join(e["choices"][0]["text"] for e in [first, *events[:-1]])
     else:
         assert events[-2]["error"]["type"] == "server_error" and "shut down" in events[-2]["error"]["message"]
+
+
+def _in_order(client, first: dict, second: dict) -> list[str]:
+    """Send `first` (a thread), then `second` once `first` is running; the order they end in."""
+    from tests.serve.test_http import Stream
+
+    ended: list[str] = []
+    stream = Stream(client_url(client), first)
+    assert stream.next()["choices"][0]["finish_reason"] is None  # `first` is generating
+
+    def finish_first() -> None:
+        events = stream.rest()
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        ended.append("first")
+
+    thread = threading.Thread(target=finish_first)
+    thread.start()
+    status, out = client.post("/v1/completions", second)
+    assert status == 200, out
+    ended.append("second")
+    thread.join()
+    return ended
+
+
+def client_url(client) -> str:
+    return f"http://{client.host}:{client.port}"
+
+
+def test_a_1mb_stop_string_is_answered_while_another_client_streams(client):
+    long = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}
+    stop = {"prompt": "Hello there", "max_tokens": 2, "temperature": 0, "stop": ["z" * 1_000_000]}
+    assert _in_order(client, long, stop) == ["second", "first"]
+
+
+def test_a_request_of_many_prompts_does_not_hold_back_one_of_one_over_http(client, server):
+    many = {"prompt": [[11 + i, 12, 13] for i in range(48)], "max_tokens": 12, "temperature": 0}
+    one = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0}
+    # 48 rows on 4 slots; round-robin admission gives the single row the next free slot.
+    assert _in_order(client, many, one) == ["second", "first"]
