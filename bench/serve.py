@@ -364,7 +364,7 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown CPU")
         counters = "\n".join(f"- `{r['scheduler']}`: " + ", ".join(f"{k} {v}" for k, v in r["health"].items()) for r in rows)
         goal_lines = "\n".join(f"- {line}" for line in goals)
-        write_section("serve", f"""
+        write_section(f"serve-max-batch-{args.max_batch}", f"""
 ### Serving under load: the {" and ".join(r["scheduler"] for r in rows)} scheduler{"s" * (len(rows) > 1)} on `{args.model}` ({date.today()}, {os.cpu_count()} CPUs, {cpu})
 
 `{command}` — `python -m xgen.run task=serve` on loopback, `serve.max_batch={args.max_batch}`,
