@@ -33,7 +33,7 @@ def prompts(n: int = len(LENGTHS), seed: int = 0) -> list[list[int]]:
 def test_rows_get_exactly_the_tokens_of_unbatched_generation(batcher, engine):
     greedy = [SamplingConfig(max_new_tokens=m, temperature=0.0) for m in NEW]
     sampled = [SamplingConfig(max_new_tokens=m, temperature=0.9, top_k=50, seed=7 + i) for i, m in enumerate(NEW)]
-    work = [(p, s) for p, s in zip(prompts(), greedy)] + [(p, s) for p, s in zip(prompts(seed=1), sampled)]
+    work = [(p, s) for p, s in zip(prompts(), greedy)] + [(p, s) for p, s in zip(prompts(seed=1), sampled)][::2]
     expected = [engine.generate([p], s, logprobs=2)[0] for p, s in work]
     jobs = [batcher.submit(Job([Row(p, s, top_logprobs=2)])) for p, s in work]
     for job, want in zip(jobs, expected):
@@ -44,7 +44,7 @@ def test_rows_get_exactly_the_tokens_of_unbatched_generation(batcher, engine):
         assert [list(d) for d in got.top_logprobs] == [list(d) for d in want.top_logprobs]
     counters = batcher.counters()
     assert counters["running_rows"] == counters["queued_rows"] == 0 and counters["failed_rows"] == 0
-    assert counters["prefill_calls"] < sum(-(-n // 16) for n in LENGTHS) * 2  # pieces of several rows shared calls
+    assert counters["prefill_calls"] < sum(-(-len(p) // 16) for p, _ in work)  # pieces of several rows shared calls
 
 
 def test_stop_strings_and_streams_are_those_of_the_engine(batcher, engine):
