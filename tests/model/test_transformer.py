@@ -127,7 +127,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kernel", ["xla", "chunked"])
+@pytest.mark.parametrize("kernel", ["xla", "chunked", "block_causal"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_attention_kernels_match_dense_with_and_without_segments(kv_heads, kernel):
     cfg = dataclasses.replace(TINY, n_kv_heads=kv_heads)

@@ -26,6 +26,7 @@ class AttentionKernel(StrEnum):
     dense = "dense"
     xla = "xla"
     chunked = "chunked"
+    block_causal = "block_causal"
 
 
 class SpikePolicy(StrEnum):
@@ -118,9 +119,15 @@ class ExecutionConfig:
     remat: Remat = Remat.none
     # Attention kernel: dense (einsum scores) | xla (jax.nn.dot_product_attention: cuDNN
     # flash attention on GPUs) | chunked (blocks of `attention_chunk` queries, recomputed in
-    # the backward pass: for long sequences without a fused kernel). See xgen/model/attention.py.
+    # the backward pass: for long sequences without a fused kernel) | block_causal (block pairs
+    # on and below the diagonal only, online softmax, a recomputing backward: about half of
+    # chunked's attention FLOPs, memory of one block pair). See xgen/model/attention.py.
     attention: AttentionKernel = AttentionKernel.dense
     attention_chunk: int = 1024
+    # Tokens per row whose output head and cross-entropy are computed at a time, each chunk
+    # recomputed in the backward pass, so training never holds [batch, length, vocab]
+    # float32 logits (2.1 GB for 8 x 8K tokens of XGen's 51,200-way head); 0: all at once.
+    loss_chunk: int = 0
     # dtype of matmul inputs (parameters stay float32); null: the hardware's, hardware.compute_dtype.
     compute_dtype: Optional[DType] = None
     # dtype of generation's KV caches; null: the compute dtype (half a float32 cache in bf16).

@@ -22,7 +22,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("model.n_kv_heads", m.n_kv_heads, ">0?"), ("model.d_ff", m.d_ff, ">0"), ("model.vocab_size", m.vocab_size, ">0"),
         ("model.max_positions", m.max_positions, ">0"), ("model.rms_norm_eps", m.rms_norm_eps, ">0"),
         ("model.rope_theta", m.rope_theta, ">0"), ("model.init_std", m.init_std, ">0"),
-        ("execution.attention_chunk", cfg.execution.attention_chunk, ">0"),
+        ("execution.attention_chunk", cfg.execution.attention_chunk, ">0"), ("execution.loss_chunk", cfg.execution.loss_chunk, ">=0"),
         ("stage.seq_len", s.seq_len, ">0"), ("stage.batch_tokens", s.batch_tokens, ">0"),
         ("stage.token_budget", s.token_budget, ">=0"),
         ("optimizer.lr", o.lr, ">0"), ("optimizer.beta1", o.beta1, "[0,1)"), ("optimizer.beta2", o.beta2, "[0,1)"),

@@ -1,4 +1,4 @@
-"""Causal attention kernels: `dense` (einsum), `xla` (`jax.nn.dot_product_attention`), `chunked`.
+"""Causal attention kernels: `dense` (einsum), `xla` (`jax.nn.dot_product_attention`), `chunked`, `block_causal`.
 
 `dense` materializes [batch, heads, q, k] float32 scores with two einsums and a softmax,
 what MaxText calls dot-product attention; the same function serves the chunked kernel and
@@ -9,13 +9,16 @@ bf16). Both keep [B, H, T, T] scores per layer: 2 GiB at 8K tokens in float32. `
 scans over blocks of queries, each against all keys under the causal (and segment) mask,
 and recomputes each block in the backward pass (`jax.checkpoint`), so memory grows with
 chunk x length instead of length squared; twice the score FLOPs (masked keys are
-computed), which is why it is a choice. All three agree up to float rounding.
+computed), which is why it is a choice. `block_causal` (block_causal.py) computes only the
+block pairs on and below the diagonal, one tile at a time. All agree up to float rounding.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from xgen.model.block_causal import block_causal_attention
 
 
 def causal_attention(
@@ -29,6 +32,8 @@ def causal_attention(
 ) -> jax.Array:
     """q [B, T, H, D], k and v [B, T, KV, D] (KV divides H) -> [B, T, H, D]."""
     t = q.shape[1]
+    if kernel == "block_causal":
+        return block_causal_attention(q, k, v, segment_ids, block=chunk)
     if kernel == "xla":
         mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)

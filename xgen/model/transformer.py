@@ -168,6 +168,7 @@ class XGenModel(nnx.Module):
             else Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, dtype=dtype, rngs=rngs)
         )
         self.dtype = dtype
+        self.loss_chunk = execution.loss_chunk
         remat = execution.remat
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"execution.remat={remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
