@@ -37,6 +37,11 @@ def test_plan_compiles_for_a_tpu_v4_slice_and_reports_memory_and_flops(tmp_path)
     assert plan["flops_per_step"] / plan["flops_per_step_model"] == pytest.approx(1.0, abs=0.05)
     assert plan["flops_per_step_6n"] > plan["flops_per_step"]
     assert plan["tokens_per_s"] == pytest.approx(16384 / plan["step_time_s"])
+    # The roofline: the compiled program's own FLOPs and bytes against v4's peak and HBM bandwidth.
+    per_chip = plan["flops_per_step"] / plan["chips"]
+    assert plan["roofline_bound"] in ("compute", "memory") and plan["bytes_accessed_per_chip"] > 0
+    assert plan["roofline_step_time_s"] == pytest.approx(max(per_chip / 275e12, plan["bytes_accessed_per_chip"] / 1.2e12))
+    assert plan["compile_s"] > 0
 
 
 @needs_libtpu

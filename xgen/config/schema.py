@@ -297,6 +297,8 @@ class HardwareConfig:
     tpu_wrap: list[bool] = field(default_factory=lambda: [False, False, False])
     peak_flops_per_chip: Optional[float] = None  # None: measured at start-up (CPU)
     memory_per_chip_bytes: Optional[int] = None
+    # HBM bandwidth, bytes/s: with the peak FLOP/s, task=plan's roofline of the compiled step.
+    memory_bandwidth_per_chip: Optional[float] = None
     chip_power_w: Optional[float] = None
     pue: float = 1.1
 

@@ -43,6 +43,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("hardware.num_devices", hw.num_devices, ">0"), ("hardware.host_device_count", hw.host_device_count, ">0?"),
         ("hardware.peak_flops_per_chip", hw.peak_flops_per_chip, ">0?"),
         ("hardware.memory_per_chip_bytes", hw.memory_per_chip_bytes, ">0?"),
+        ("hardware.memory_bandwidth_per_chip", hw.memory_bandwidth_per_chip, ">0?"),
         ("hardware.chip_power_w", hw.chip_power_w, ">0?"), ("hardware.pue", hw.pue, ">0"),
         ("generate.max_new_tokens", cfg.generate.max_new_tokens, ">0"), ("generate.temperature", cfg.generate.temperature, ">=0"),
         ("generate.top_k", cfg.generate.top_k, ">=0"), ("generate.top_p", cfg.generate.top_p, "(0,1]"),

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 from xgen.config import XGenConfig
@@ -69,13 +70,15 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     n_chips = hw.num_devices
     flops_6n = 6.0 * params * stage.batch_tokens
     flops_model = flops_per_token(cfg.model, stage.seq_len) * stage.batch_tokens  # what MFU counts
-    compiled_ok = False
+    compiled_ok, compile_s, bytes_per_chip = False, None, None
     if hw.tpu_topology:
         runtime = Runtime.of(cfg, devices=topology_devices(hw))  # one runtime: train and generate steps
         trainer = Trainer(cfg, run_dir, runtime)
         method = f"compiled for {hw.tpu_topology} ({hw.device_kind}) by XLA"
         try:
+            started = time.perf_counter()
             compiled = trainer.compile_step()
+            compile_s = time.perf_counter() - started
         except Exception as ex:  # noqa: BLE001 - XLA refuses programs that cannot fit in HBM
             needed = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)G\)", str(ex))
             if needed is None:
@@ -88,6 +91,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             flops = float(cost["flops"]) * n_chips  # the cost analysis is of one device's program
+            bytes_per_chip = float(cost.get("bytes accessed", 0.0))
     else:
         shards = n_chips  # parameters, gradients and Adam moments, fully sharded (fsdp)
         hbm = int(params * 4 * 4 / shards)
@@ -113,6 +117,8 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         "mfu_assumed": cfg.plan.mfu,
         "step_time_s": step_s,
         "tokens_per_s": stage.batch_tokens / step_s if step_s else None,
+        "compile_s": compile_s,
+        **_roofline(flops / n_chips, bytes_per_chip, peak, hw.memory_bandwidth_per_chip),
     }
     plan["verdict"] = _advice(plan, cfg)
     if hw.tpu_topology and cfg.plan.generate:
@@ -129,6 +135,11 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         ("step time", f"{step_s:.2f} s at {cfg.plan.mfu:.0%} MFU" if step_s else "unknown (no peak FLOP/s)"),
         ("tokens/s", f"{plan['tokens_per_s']:,.0f}" if step_s else "unknown"),
     ]
+    if plan["roofline_step_time_s"] is not None:
+        rows.append(("roofline", f"{plan['roofline_step_time_s']:.2f} s per step ({plan['roofline_bound']}-bound: "
+                                 f"{flops / n_chips:.3e} FLOPs and {bytes_per_chip:.3e} bytes per chip, as compiled)"))  # fmt: skip
+    if compile_s is not None:
+        rows.append(("compile time", f"{compile_s:.1f} s"))
     if "generate" in plan:
         g = plan["generate"]
         rows.append(
@@ -138,3 +149,17 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     log.info("plan written to %s", run_dir / "plan.json")
     return plan
+
+
+def _roofline(flops_per_chip: float, bytes_per_chip: float | None, peak: float | None, bandwidth: float | None) -> dict:
+    """The step's time if each chip ran at its peak FLOP/s or moved its bytes at full HBM
+    bandwidth, whichever takes longer: a lower bound that needs no MFU assumption, from the
+    compiled program's own counts."""
+    if not (bytes_per_chip and peak and bandwidth):
+        return {"roofline_step_time_s": None, "roofline_bound": None, "bytes_accessed_per_chip": bytes_per_chip}
+    compute, memory = flops_per_chip / peak, bytes_per_chip / bandwidth
+    return {
+        "roofline_step_time_s": max(compute, memory),
+        "roofline_bound": "compute" if compute >= memory else "memory",
+        "bytes_accessed_per_chip": bytes_per_chip,
+    }
