@@ -25,7 +25,7 @@ def inputs(t: int, segments: bool, seed: int = 0):
     return q, k, v, seg
 
 
-@pytest.mark.parametrize("t,block,segments", [(64, 16, False), (70, 16, False), (64, 16, True), (45, 32, True)])
+@pytest.mark.parametrize("t,block,segments", [(70, 16, False), (45, 16, True)])
 def test_values_and_gradients_equal_dense(t, block, segments):
     q, k, v, seg = inputs(t, segments)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, t, 4, 16)), jnp.float32)
