@@ -28,16 +28,20 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     return i.astype(np.int32), j.astype(np.int32)
 
 
-def _tile(q, k, seg_q, seg_k, i, j, c, scale):
-    """Scores [B, KV, R, c, c] (float32) of query block i against key block j, and their mask."""
+def _mask(seg, i, j, c):
+    """Which of query block i's queries may see which of key block j's keys: [B, 1, 1, c, c]."""
+    pos_q, pos_k = i * c + jnp.arange(c), j * c + jnp.arange(c)
+    sq = jax.lax.dynamic_slice_in_dim(seg, i * c, c, axis=1)
+    sk = jax.lax.dynamic_slice_in_dim(seg, j * c, c, axis=1)
+    allowed = (pos_q[:, None] >= pos_k[None, :])[None] & (sq[:, :, None] == sk[:, None, :])  # [B, c, c]
+    return allowed[:, None, None]
+
+
+def _scores(q, k, i, j, c, scale):
+    """Scores [B, KV, R, c, c] (float32) of query block i against key block j."""
     qi = jax.lax.dynamic_slice_in_dim(q, i * c, c, axis=1)  # [B, c, KV, R, D]
     kj = jax.lax.dynamic_slice_in_dim(k, j * c, c, axis=1)  # [B, c, KV, D]
-    s = jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
-    pos_q, pos_k = i * c + jnp.arange(c), j * c + jnp.arange(c)
-    sq = jax.lax.dynamic_slice_in_dim(seg_q, i * c, c, axis=1)
-    sk = jax.lax.dynamic_slice_in_dim(seg_k, j * c, c, axis=1)
-    allowed = (pos_q[:, None] >= pos_k[None, :])[None] & (sq[:, :, None] == sk[:, None, :])  # [B, c, c]
-    return s, allowed[:, None, None]
+    return jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
 
 
 def _forward(q, k, v, seg, c):
@@ -50,10 +54,11 @@ def _forward(q, k, v, seg, c):
     def pair(carry, ij):
         m, l, acc = carry
         i, j = ij
-        s, allowed = _tile(q, k, seg, seg, i, j, c, scale)
+        allowed = _mask(seg, i, j, c)  # cheap: a skipped pair computes no scores
 
         def update(carry):
             m, l, acc = carry
+            s = _scores(q, k, i, j, c, scale)
             mi = jax.lax.dynamic_slice_in_dim(m, i * c, c, axis=3)
             li = jax.lax.dynamic_slice_in_dim(l, i * c, c, axis=3)
             ai = jax.lax.dynamic_slice_in_dim(acc, i * c, c, axis=3)
@@ -94,10 +99,11 @@ def _attention_bwd(c, res, d_out):
 
     def pair(carry, ij):
         i, j = ij
-        s, allowed = _tile(q, k, seg, seg, i, j, c, scale)
+        allowed = _mask(seg, i, j, c)
 
         def update(carry):
             dq, dk, dv = carry
+            s = _scores(q, k, i, j, c, scale)
             p = jnp.where(allowed, jnp.exp(s - jax.lax.dynamic_slice_in_dim(lse, i * c, c, axis=3)[..., None]), 0.0)
             doi = jax.lax.dynamic_slice_in_dim(do, i * c, c, axis=1)  # [B, c, KV, R, D]
             qi = jax.lax.dynamic_slice_in_dim(q, i * c, c, axis=1).astype(jnp.float32)
