@@ -7,6 +7,11 @@ execution settings (`execution`: kernels, recomputation, dtypes; never stored) a
 parameters with their shardings, and everything that allocates parameters or caches: a
 random init, a restore or save over `xgen.checkpoint`, host arrays placed (HF import), and
 KV caches sharded by the same rules table, in the cache dtype.
+
+With scanned layers (`execution.scan_layers`) the model holds its blocks stacked, but
+checkpoints keep the per-layer layout (what the model is, not how it ran): `to_disk`,
+`on_disk` and `from_disk` convert at the save and restore boundary, so any checkpoint
+restores into either layout and HF conversion reads one layout only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from xgen import checkpoint
 from xgen.config import ConfigError, ExecutionConfig, HardwareConfig, ModelConfig, XGenConfig
-from xgen.model.transformer import XGenModel
+from xgen.model.scan import stack_layers, unstack_layers
+from xgen.model.transformer import XGenModel, scans_layers
 from xgen.parallel.mesh import MESH_AXES, Rules, activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
 
 # Logical names of a layer's KV cache: keys transposed [batch, kv_heads, head_dim, slots],
@@ -103,6 +109,35 @@ class Runtime:
         """The parameters as shapes, no memory allocated."""
         return nnx.state(nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0))), nnx.Param)
 
+    @property
+    def scanned(self) -> bool:
+        """Whether the model holds its blocks stacked (`execution.scan_layers`)."""
+        return scans_layers(self.model, self.execution)
+
+    @cached_property
+    def disk_param_shapes(self) -> nnx.State:
+        """The parameters as checkpoints store them (per layer), as shapes."""
+        return self.on_disk(self.param_shapes)
+
+    # ---- the layout checkpoints store -----------------------------------------------------
+
+    def on_disk(self, tree: Any) -> Any:
+        """An abstract tree (parameters, or a train state) in the checkpoints' per-layer layout,
+        each layer's arrays placed as that layer's slice of the stack is."""
+        return unstack_layers(tree, self.model.n_layers) if self.scanned else tree
+
+    def to_disk(self, tree: Any) -> Any:
+        """Arrays in the checkpoints' per-layer layout (a copy of each layer's slice when scanned)."""
+        if not self.scanned:
+            return tree
+        return jax.jit(lambda t: unstack_layers(t, self.model.n_layers))(tree)
+
+    def from_disk(self, tree: Any, shardings: Any) -> Any:
+        """Arrays restored in the per-layer layout as the model holds them, on `shardings`."""
+        if not self.scanned:
+            return tree
+        return jax.jit(stack_layers, out_shardings=shardings)(tree)
+
     def shardings_of(self, abstract: Any) -> Any:
         """Shardings for any pytree of nnx Variables with logical names (a train state too)."""
         return state_shardings(abstract, self.mesh, self.rules)
@@ -139,18 +174,19 @@ class Runtime:
 
     def restore_params(self, path: str | Path) -> nnx.State:
         """The newest checkpoint's parameters under `path`, each read onto its own shards."""
-        return checkpoint.restore_params(path, self.abstract_params)
+        params = checkpoint.restore_params(path, self.on_disk(self.abstract_params))
+        return self.from_disk(params, self.shardings_of(self.param_shapes))
 
     def place_params(self, pure: dict) -> nnx.State:
         """Host arrays (a Hugging Face model's, as xgen's nested dict) onto their shards."""
         state = nnx.state(nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0))), nnx.Param)
-        nnx.replace_by_pure_dict(state, pure)
+        nnx.replace_by_pure_dict(state, stack_layers(pure) if self.scanned else pure)
         return jax.device_put(state, self.shardings_of(self.param_shapes))
 
     def save_params(self, path: str | Path, params: nnx.State, meta: dict) -> Path:
         """A parameters-only checkpoint whose metadata records this architecture."""
         config = {**meta.get("config", {}), "model": dataclasses.asdict(self.model)}
-        return checkpoint.save_params(path, params, {**meta, "config": config})
+        return checkpoint.save_params(path, self.to_disk(params), {**meta, "config": config})
 
     # ---- KV caches ----------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import compose_config
 from xgen import checkpoint
-from xgen.config import ConfigError
+from xgen.config import ConfigError, ExecutionConfig
 from xgen.model import XGenModel
-from xgen.runtime import model_config_from_meta
+from xgen.runtime import Runtime, model_config_from_meta
 from xgen.tasks import run_task
 from xgen.tokenizer import Tokenizer
 
@@ -51,9 +51,11 @@ def checkpoint_params(path: Path) -> tuple:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, Path]:
-    """(a 2-step training run, its export through the task in shards of at most 5 MB)."""
+    """(a 2-step training run, its export through the task in shards of at most 5 MB). The run
+    holds its layers stacked (scan_layers), so parity below also covers the checkpoints'
+    per-layer layout written from a scanned model."""
     run_dir, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("export") / "hf"
-    run_task(compose_config("trainer.steps=2", *FAST), run_dir)
+    run_task(compose_config("trainer.steps=2", "execution.scan_layers=true", *FAST), run_dir)
     proc = xgen_run(
         "task=export_hf", f"checkpoint={run_dir}", f"out={out}", "hf.max_shard_bytes=5000000",
         f"hydra.run.dir={run_dir}/export_log",
@@ -84,6 +86,12 @@ def test_export_loads_as_llama_in_transformers_with_xgen_logits(exported):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    # The same checkpoint restored stacked, run by lax.scan: transformers' logits too.
+    scanned = Runtime.local(cfg, ExecutionConfig(scan_layers=True))
+    stacked = scanned.restore_params(run_dir)
+    assert stacked["layers"]["attn"]["q_proj"]["kernel"].shape[0] == cfg.n_layers
+    ours = np.asarray(nnx.jit(lambda m, x: m(x))(nnx.merge(scanned.graphdef, stacked), jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_exported_tokenizer_gives_xgen_ids(exported):
@@ -104,7 +112,9 @@ def test_import_of_the_export_is_bitwise_and_trains(exported, tmp_path):
     for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree_util.tree_flatten_with_path(got)[0]):
         assert np.array_equal(np.asarray(a), np.asarray(b)), path
 
-    summary = run_task(compose_config("trainer.steps=1", f"trainer.init_from={imported}", *FAST), tmp_path / "train")
+    # Imported per-layer weights start a scanned run (stacked when restored).
+    init = (f"trainer.init_from={imported}", "execution.scan_layers=true")
+    summary = run_task(compose_config("trainer.steps=1", *init, *FAST), tmp_path / "train")
     assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
 
     with pytest.raises(ConfigError, match="already holds checkpoints"):

@@ -21,6 +21,8 @@ LAYOUTS = {
     "fsdp": ("hardware.mesh.data=1", "hardware.mesh.fsdp=8", "hardware.mesh.tensor=1"),
     "tensor": ("hardware.num_devices=4", "hardware.mesh.data=1", "hardware.mesh.fsdp=1", "hardware.mesh.tensor=4"),
     "mixed": ("hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2"),
+    # Stacked layers (the `layers` axis unsplit) under the same FSDP x tensor split.
+    "mixed_scanned": ("hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2", "execution.scan_layers=true"),
 }
 
 
@@ -47,19 +49,21 @@ def test_ten_steps_match_one_device(layout, single_device_losses, tmp_path):
     np.testing.assert_allclose(got, single_device_losses, rtol=2e-5)
 
 
-def test_parameters_are_split_as_the_rules_say(tmp_path):
-    trainer = Trainer(compose_config("hardware=cpu_8", *LAYOUTS["mixed"], *FAST), tmp_path)
+@pytest.mark.parametrize("scanned", [False, True])
+def test_parameters_are_split_as_the_rules_say(tmp_path, scanned):
+    trainer = Trainer(compose_config("hardware=cpu_8", *LAYOUTS["mixed"], *FAST, f"execution.scan_layers={scanned}"), tmp_path)
     state = trainer._init(jax.random.key(0))
     params = state.params
-    layer = params["layers"][0]
+    layer = params["layers"] if scanned else params["layers"][0]
+    lead = (None,) if scanned else ()  # the stacked `layers` axis is not split
     expect = {
         "embed_tokens": (params["embed_tokens"], P("tensor", "fsdp")),  # (vocab, embed)
         "lm_head": (params["lm_head"]["kernel"], P("fsdp", "tensor")),  # (embed, vocab)
-        "q_proj": (layer["attn"]["q_proj"]["kernel"], P("fsdp", "tensor")),  # (embed, heads)
-        "o_proj": (layer["attn"]["o_proj"]["kernel"], P("tensor", "fsdp")),  # (heads, embed)
-        "up_proj": (layer["mlp"]["up_proj"]["kernel"], P("fsdp", "tensor")),  # (embed, mlp)
-        "down_proj": (layer["mlp"]["down_proj"]["kernel"], P("tensor", "fsdp")),  # (mlp, embed)
-        "norm": (layer["input_norm"]["scale"], P("fsdp")),  # (embed,)
+        "q_proj": (layer["attn"]["q_proj"]["kernel"], P(*lead, "fsdp", "tensor")),  # (embed, heads)
+        "o_proj": (layer["attn"]["o_proj"]["kernel"], P(*lead, "tensor", "fsdp")),  # (heads, embed)
+        "up_proj": (layer["mlp"]["up_proj"]["kernel"], P(*lead, "fsdp", "tensor")),  # (embed, mlp)
+        "down_proj": (layer["mlp"]["down_proj"]["kernel"], P(*lead, "tensor", "fsdp")),  # (mlp, embed)
+        "norm": (layer["input_norm"]["scale"], P(*lead, "fsdp")),  # (embed,)
     }
     for name, (var, spec) in expect.items():
         array = var[...]
@@ -70,8 +74,8 @@ def test_parameters_are_split_as_the_rules_say(tmp_path):
     # Adam's moments are placed like their parameters.
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
     (adam,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(s)]
-    mu = adam.mu["layers"][0]["mlp"]["up_proj"]["kernel"][...]
-    assert mu.sharding.spec == P("fsdp", "tensor")
+    mu = (adam.mu["layers"] if scanned else adam.mu["layers"][0])["mlp"]["up_proj"]["kernel"][...]
+    assert mu.sharding.spec == P(*lead, "fsdp", "tensor")
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

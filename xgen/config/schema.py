@@ -128,6 +128,11 @@ class ExecutionConfig:
     # recomputed in the backward pass, so training never holds [batch, length, vocab]
     # float32 logits (2.1 GB for 8 x 8K tokens of XGen's 51,200-way head); 0: all at once.
     loss_chunk: int = 0
+    # Blocks held stacked ([n_layers, ...] parameters) and run by lax.scan: the block compiles
+    # once instead of n_layers times (MaxText's scan_layers); remat then applies per scanned
+    # layer. Checkpoints keep the per-layer layout either way. null: scan models of 16 or
+    # more layers (1b, xgen_7b), not tiny or small. See xgen/model/scan.py.
+    scan_layers: Optional[bool] = None
     # dtype of matmul inputs (parameters stay float32); null: the hardware's, hardware.compute_dtype.
     compute_dtype: Optional[DType] = None
     # dtype of generation's KV caches; null: the compute dtype (half a float32 cache in bf16).

@@ -212,10 +212,11 @@ def load(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
 
 
 def _abstract_params(cfg: ModelConfig) -> Any:
-    """The model's parameters as an `nnx.State` of shapes, with no memory allocated."""
+    """The model's parameters as checkpoints store them (per layer), as an `nnx.State` of
+    shapes, with no memory allocated."""
     from xgen.runtime import Runtime
 
-    return Runtime.local(cfg).param_shapes
+    return Runtime.local(cfg).disk_param_shapes
 
 
 def _storage_keys(abstract: Any) -> dict[XPath, tuple]:

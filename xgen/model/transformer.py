@@ -16,6 +16,7 @@ from flax import nnx, struct
 from xgen.config import ExecutionConfig, ModelConfig
 from xgen.model.attention import cached_attention, causal_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, apply_rope, logical_param, no_constraint, rope_angles
+from xgen.model.scan import layer_of, scan_blocks, stack_blocks
 
 
 @struct.dataclass
@@ -142,6 +143,17 @@ def _run_block(block: Block, x: jax.Array, positions: jax.Array, segment_ids: ja
     return block(x, positions, segment_ids)
 
 
+# Layers from which `execution.scan_layers: null` scans: the 1B and 7B models, not tiny or small.
+SCAN_FROM_LAYERS = 16
+
+
+def scans_layers(cfg: ModelConfig, execution: ExecutionConfig) -> bool:
+    """Whether the model holds its blocks stacked and runs them with `lax.scan`."""
+    if execution.scan_layers is None:
+        return cfg.n_layers >= SCAN_FROM_LAYERS
+    return bool(execution.scan_layers)
+
+
 class XGenModel(nnx.Module):
     """tokens [batch, length] -> float32 logits [batch, length, vocab].
 
@@ -160,7 +172,11 @@ class XGenModel(nnx.Module):
         self.constrain = constrain
         embed = cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
         self.embed_tokens = logical_param(embed, ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, execution, dtype=dtype, constrain=constrain, rngs=rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, execution, dtype=dtype, constrain=constrain, rngs=rngs) for _ in range(cfg.n_layers)]
+        self.n_layers = cfg.n_layers
+        self.scanned = scans_layers(cfg, execution)
+        # Scanned: one Block whose parameters are [n_layers, ...] (logical axis `layers`).
+        self.layers = stack_blocks(blocks) if self.scanned else nnx.List(blocks)
         self.norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
         self.lm_head = (
             None
@@ -172,6 +188,7 @@ class XGenModel(nnx.Module):
         remat = execution.remat
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"execution.remat={remat!r} is not one of none, {', '.join(REMAT_POLICIES)}")
+        self.remat = str(remat)
         self.run_block = _run_block if remat == "none" else nnx.remat(_run_block, policy=REMAT_POLICIES[remat])
 
     def __call__(
@@ -188,9 +205,20 @@ class XGenModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = self.run_block(layer, x, positions, segment_ids)
+        if self.scanned:
+            remat = self.remat != "none"
+            policy = REMAT_POLICIES[self.remat] if remat else None
+            x = scan_blocks(self.layers, _run_block, x, positions, segment_ids, policy=policy, remat=remat)
+        else:
+            for layer in self.layers:
+                x = self.run_block(layer, x, positions, segment_ids)
         return self.norm(x)
+
+    def blocks(self) -> list[Block]:
+        """The blocks in order, as ordinary modules (layer i of the stack when scanned)."""
+        if self.scanned:
+            return [layer_of(self.layers, i) for i in range(self.n_layers)]
+        return list(self.layers)
 
     def decode(
         self, tokens: jax.Array, positions: jax.Array, caches: list[KVCache]
@@ -199,7 +227,7 @@ class XGenModel(nnx.Module):
         other as each layer's KVCache allows; also their keys and values, for `write_cache`."""
         x = self.embed(tokens)
         new_kv = []
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.blocks(), caches):
             x, new = layer(x, positions, cache=cache)
             new_kv.append(new)
         return self.norm(x), new_kv

@@ -262,7 +262,18 @@ class Trainer:
             log.error(message)
             return
         meta = {"config": dataclasses.asdict(self.cfg), "step": step}
-        checkpoint.save(mngr, step, state, batches.get_state(), meta)
+        checkpoint.save(mngr, step, self.runtime.to_disk(state), batches.get_state(), meta)
+
+    def _restore_latest(self, mngr, move_damaged: bool = False) -> tuple[TrainState, dict, int, dict] | None:
+        """`checkpoint.restore_latest` in the checkpoints' per-layer layout, returned as the
+        model holds its layers (stacked when scanned)."""
+        restored = checkpoint.restore_latest(
+            mngr, self.runtime.on_disk(self.abstract_state), on_damaged=self._damaged, move_damaged=move_damaged
+        )
+        if restored is None:
+            return None
+        state, data_state, step, meta = restored
+        return self.runtime.from_disk(state, self.state_sharding), data_state, step, meta
 
     def _flush_events(self, metrics_log: MetricsLog) -> None:
         for event in self._pending_events:
@@ -295,7 +306,7 @@ class Trainer:
         """This run's newest good checkpoint (with the data position), if the command still
         describes its run; else the stage it starts from (model, optimizer and step; its own
         data chunk from the start); else a fresh init."""
-        restored = checkpoint.restore_latest(mngr, self.abstract_state, on_damaged=self._damaged, move_damaged=True)
+        restored = self._restore_latest(mngr, move_damaged=True)
         if restored is not None:
             state, data_state, step, meta = restored
             self._allowed_changes = check_resume(meta.get("config", {}), self.cfg, f"{self.run_dir} at step {step}")
@@ -305,11 +316,11 @@ class Trainer:
             return self._init(jax.random.key(self.cfg.seed))
         source = checkpoint.checkpoints_dir(self.cfg.trainer.init_from)
         if _params_only(self.cfg):  # fine-tuning, or imported weights (task=import_hf)
-            params = checkpoint.restore_params(source, self.abstract_state.params)
+            params = self.runtime.restore_params(source)
             log.info("starting from the parameters in %s, with a fresh optimizer", source)
             return self.from_params(params)
         with checkpoint.open_manager(source, read_only=True) as init_mngr:
-            state, _, step, _ = checkpoint.restore_latest(init_mngr, self.abstract_state, on_damaged=self._damaged)
+            state, _, step, _ = self._restore_latest(init_mngr)
         log.info("starting from %s at step %d", source, step)
         if self.cfg.trainer.reset_optimizer:
             state = self._reset_optimizer(state)  # the old optimizer state is donated, not kept
@@ -321,7 +332,7 @@ class Trainer:
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
         """Back to the newest checkpoint's model and optimizer; the data goes on after the spike."""
         mngr.wait_until_finished()  # the newest save committed, so that it is the one restored
-        restored = checkpoint.restore_latest(mngr, self.abstract_state, on_damaged=self._damaged, move_damaged=True)
+        restored = self._restore_latest(mngr, move_damaged=True)
         if restored is None:
             log.warning("loss spike at step %d: no checkpoint to roll back to; the update was skipped", step)
             return state, step
