@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -128,15 +128,16 @@ class Runtime:
 
     def to_disk(self, tree: Any) -> Any:
         """Arrays in the checkpoints' per-layer layout (a copy of each layer's slice when scanned)."""
-        if not self.scanned:
-            return tree
-        return jax.jit(lambda t: unstack_layers(t, self.model.n_layers))(tree)
+        return self._unstack(tree) if self.scanned else tree
 
     def from_disk(self, tree: Any, shardings: Any) -> Any:
         """Arrays restored in the per-layer layout as the model holds them, on `shardings`."""
-        if not self.scanned:
-            return tree
-        return jax.jit(stack_layers, out_shardings=shardings)(tree)
+        return jax.jit(stack_layers, out_shardings=shardings)(tree) if self.scanned else tree
+
+    @cached_property
+    def _unstack(self):
+        """Compiled once per train-state structure, not at every save."""
+        return jax.jit(partial(unstack_layers, n_layers=self.model.n_layers))
 
     def shardings_of(self, abstract: Any) -> Any:
         """Shardings for any pytree of nnx Variables with logical names (a train state too)."""

@@ -28,14 +28,21 @@ def plan_cli(tmp_path, *overrides) -> dict:
 @pytest.mark.slow
 @needs_libtpu
 def test_plan_compiles_for_a_tpu_v4_slice_and_reports_memory_and_flops(tmp_path):
-    # The decoding step is planned by the 7B test below; here only the train step.
-    plan = plan_cli(tmp_path, "model=small", "stage=s1_2k", "stage.batch_tokens=16384", "hardware=tpu_v4_8", "plan.generate=false")
-    assert plan["method"].startswith("compiled for v4:2x2x2")
+    """Splash attention (Pallas, per device under shard_map) and scanned layers, compiled for
+    a v4-8. The decoding step is planned by the 7B test below; here only the train step."""
+    plan = plan_cli(
+        tmp_path, "model=small", "stage=s1_2k", "stage.batch_tokens=16384", "hardware=tpu_v4_8", "plan.generate=false",
+        "execution.attention=splash", "execution.attention_chunk=512", "execution.scan_layers=true",
+    )  # fmt: skip
+    assert plan["method"].startswith("compiled for v4:2x2x2") and "splash" in plan["method"]
     assert plan["fits"] and 0 < plan["hbm_per_chip_bytes"] < plan["hbm_capacity_bytes"] == 32 * 2**30
-    # The compiler counts what the MFU formula counts (6 x matmul parameters + attention), to a
-    # few percent; 6N over all parameters also counts the input embedding's gather.
+    # Counted in the step (the scan's body 8 times, splash's causal half analytically), the FLOPs
+    # are what the MFU formula counts (6 x matmul parameters + causal attention) to a few percent;
+    # 6N over all parameters also counts the input embedding's gather. XLA's cost analysis
+    # counts the scanned body once.
     assert plan["flops_per_step"] / plan["flops_per_step_model"] == pytest.approx(1.0, abs=0.05)
-    assert plan["flops_per_step_6n"] > plan["flops_per_step"]
+    assert plan["flops_per_step_6n"] > plan["flops_per_step"] > 2 * plan["flops_per_step_xla"]
+    assert plan["attention_flops_masked"] == pytest.approx(plan["attention_flops_square"] * 2047 / 4096)
     assert plan["tokens_per_s"] == pytest.approx(16384 / plan["step_time_s"])
     # The roofline: the compiled program's own FLOPs and bytes against v4's peak and HBM bandwidth.
     per_chip = plan["flops_per_step"] / plan["chips"]
@@ -46,7 +53,7 @@ def test_plan_compiles_for_a_tpu_v4_slice_and_reports_memory_and_flops(tmp_path)
 
 @needs_libtpu
 def test_plan_says_which_setting_to_change_when_it_does_not_fit(tmp_path):
-    plan = plan_cli(tmp_path, "model=small", "stage=s1_2k", "hardware=tpu_v4_8", "plan.generate=false")
+    plan = plan_cli(tmp_path, "model=small", "stage=s1_2k", "hardware=tpu_v4_8", "plan.generate=false", "execution.scan_layers=true")
     assert not plan["fits"] and "execution.remat=full" in plan["verdict"]
 
 

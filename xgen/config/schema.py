@@ -27,6 +27,8 @@ class AttentionKernel(StrEnum):
     xla = "xla"
     chunked = "chunked"
     block_causal = "block_causal"
+    splash = "splash"
+    cudnn = "cudnn"
 
 
 class SpikePolicy(StrEnum):
@@ -117,11 +119,13 @@ class ExecutionConfig:
     # Rematerialization of each block in the backward pass (memory for compute):
     # none | full (keep only block inputs) | save_dots (keep matmul outputs without batch dims).
     remat: Remat = Remat.none
-    # Attention kernel: dense (einsum scores) | xla (jax.nn.dot_product_attention: cuDNN
-    # flash attention on GPUs) | chunked (blocks of `attention_chunk` queries, recomputed in
+    # Attention kernel: dense (einsum scores) | xla (jax.nn.dot_product_attention, XLA's) |
+    # cudnn (the same with implementation=cudnn: cuDNN flash attention, GPUs, bf16) | chunked (blocks of `attention_chunk` queries, recomputed in
     # the backward pass: for long sequences without a fused kernel) | block_causal (block pairs
     # on and below the diagonal only, online softmax, a recomputing backward: about half of
-    # chunked's attention FLOPs, memory of one block pair). See xgen/model/attention.py.
+    # chunked's attention FLOPs, memory of one block pair) | splash (Pallas TPU splash attention,
+    # blocks of attention_chunk rounded to 128; interpret mode off a TPU: slow, for tests).
+    # See xgen/model/attention.py.
     attention: AttentionKernel = AttentionKernel.dense
     attention_chunk: int = 1024
     # Tokens per row whose output head and cross-entropy are computed at a time, each chunk

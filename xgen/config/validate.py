@@ -104,6 +104,15 @@ def validate(cfg: XGenConfig) -> None:
         (s.batch_tokens % s.seq_len == 0, f"stage.batch_tokens={s.batch_tokens} is not a multiple of stage.seq_len={s.seq_len}"),
         (s.batch_tokens >= s.seq_len, f"stage.batch_tokens={s.batch_tokens} is less than one sequence of {s.seq_len}"),
         (bool(cfg.data_mix.sources), f"data_mix {cfg.data_mix.name!r} has no sources"),
+        (
+            not (cfg.execution.attention == "splash" and hw.platform == "gpu"),
+            f"execution.attention=splash is a TPU (Pallas Mosaic) kernel and hardware={hw.name} is a GPU; use cudnn",
+        ),
+        (
+            cfg.execution.attention != "cudnn" or hw.platform == "gpu",
+            f"execution.attention=cudnn is cuDNN's GPU kernel and hardware={hw.name} is {hw.platform}; "
+            "use block_causal (or splash on a TPU)",
+        ),
     ]
     for name, src in cfg.data_mix.sources.items():
         checks.append((src.kind != "prepared" or bool(src.path), f"data_mix.sources.{name}: kind 'prepared' needs a path"))

@@ -1,16 +1,20 @@
-"""Causal attention kernels: `dense` (einsum), `xla` (`jax.nn.dot_product_attention`), `chunked`, `block_causal`.
+"""Causal attention kernels: `dense` (einsum), `xla` and `cudnn` (`jax.nn.dot_product_attention`),
+`chunked`, `block_causal`, `splash`.
 
 `dense` materializes [batch, heads, q, k] float32 scores with two einsums and a softmax,
 what MaxText calls dot-product attention; the same function serves the chunked kernel and
 decoding against a KV cache (a mask over cache slots). On this CPU one layer's forward and
 backward at 4 x 512 tokens takes 98 ms against `xla`'s 138 ms, though the whole `small`
-training step is no faster (docs/performance.md). `xla` lets JAX pick a fused implementation (cuDNN flash attention on GPUs in
-bf16). Both keep [B, H, T, T] scores per layer: 2 GiB at 8K tokens in float32. `chunked`
+training step is no faster (docs/performance.md). `xla` is JAX's default implementation
+(this JAX: XLA's own, on every platform). Both keep [B, H, T, T] scores per layer: 2 GiB
+at 8K tokens in float32; `cudnn` asks for cuDNN's flash attention instead (GPUs). `chunked`
 scans over blocks of queries, each against all keys under the causal (and segment) mask,
 and recomputes each block in the backward pass (`jax.checkpoint`), so memory grows with
 chunk x length instead of length squared; twice the score FLOPs (masked keys are
 computed), which is why it is a choice. `block_causal` (block_causal.py) computes only the
-block pairs on and below the diagonal, one tile at a time. All agree up to float rounding.
+block pairs on and below the diagonal, one tile at a time. `splash` (splash.py) is the
+Pallas TPU kernel that does the same in VMEM, forward and backward. All agree up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from xgen.model.block_causal import block_causal_attention
+from xgen.model.layers import Constrain, kernel_platform, no_constraint, run_local
+from xgen.model.splash import splash_attention
+
+Q_AXES = ("batch", "length", "heads", "head_dim")
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 def causal_attention(
@@ -29,20 +38,38 @@ def causal_attention(
     segment_ids: jax.Array | None = None,
     kernel: str = "dense",
     chunk: int = 1024,
+    constrain: Constrain = no_constraint,
 ) -> jax.Array:
-    """q [B, T, H, D], k and v [B, T, KV, D] (KV divides H) -> [B, T, H, D]."""
+    """q [B, T, H, D], k and v [B, T, KV, D] (KV divides H) -> [B, T, H, D]. `constrain`, the
+    model's sharding hook, places kernels that run per device (splash)."""
     t = q.shape[1]
+    if kernel == "splash":
+        interpret = kernel_platform(constrain) != "tpu"
+        if segment_ids is None:
+            local = lambda q_, k_, v_: splash_attention(q_, k_, v_, None, block=chunk, interpret=interpret)  # noqa: E731
+            return run_local(constrain, local, (Q_AXES, KV_AXES, KV_AXES), Q_AXES)(q, k, v)
+        local = lambda q_, k_, v_, s_: splash_attention(q_, k_, v_, s_, block=chunk, interpret=interpret)  # noqa: E731
+        return run_local(constrain, local, (Q_AXES, KV_AXES, KV_AXES, ("batch", "length")), Q_AXES)(q, k, v, segment_ids)
     if kernel == "block_causal":
         return block_causal_attention(q, k, v, segment_ids, block=chunk)
-    if kernel == "xla":
-        mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    if kernel in ("xla", "cudnn"):
+        return fused_attention(q, k, v, segment_ids, implementation="cudnn" if kernel == "cudnn" else None)
     if kernel == "dense" or t <= chunk:
         allowed = jnp.tril(jnp.ones((t, t), bool))[None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         return masked_attention(q, k, v, allowed)
     return _chunked(q, k, v, segment_ids, chunk)
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, implementation: str | None
+) -> jax.Array:
+    """`jax.nn.dot_product_attention`, causal: `cudnn` is cuDNN's flash attention (GPUs, bf16
+    or fp16), which skips the blocks above the diagonal; None lets JAX choose (XLA's).
+    Documents are kept apart by a boolean [B, 1, T, T] mask (cuDNN reads it as a bias)."""
+    mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:

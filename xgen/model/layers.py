@@ -24,6 +24,20 @@ def no_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
 
 
+def run_local(constrain: Constrain, fn: Callable, in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]) -> Callable:
+    """`fn` run on each device's shard of its inputs (a shard_map over the mesh the sharding
+    hook knows, axes named logically), for kernels XLA cannot split itself (Pallas); `fn`
+    unchanged when the hook knows no mesh."""
+    local = getattr(constrain, "local", None)
+    return fn if local is None else local(fn, in_names, out_names)
+
+
+def kernel_platform(constrain: Constrain) -> str:
+    """The platform the model compiles for: the hook's mesh's (a TPU topology's, for
+    ahead-of-time compilation on a CPU host), else JAX's default backend."""
+    return getattr(constrain, "platform", None) or jax.default_backend()
+
+
 def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     """A float32 parameter annotated with logical axis names (read by `nnx.get_partition_spec`)."""
     assert value.ndim == len(names), (value.shape, names)

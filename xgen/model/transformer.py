@@ -82,7 +82,9 @@ class Attention(nnx.Module):
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         q, k, v = q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
         if cache is None:
-            out = causal_attention(q, k, v, segment_ids=segment_ids, kernel=self.kernel, chunk=self.chunk)
+            out = causal_attention(
+                q, k, v, segment_ids=segment_ids, kernel=self.kernel, chunk=self.chunk, constrain=self.constrain
+            )
         else:
             out = cached_attention(q, k, v, cache.k, cache.v, cache.allowed_cached, cache.allowed_new)
         out = self.constrain(out, ("batch", "length", "heads", "head_dim"))

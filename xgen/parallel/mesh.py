@@ -8,8 +8,8 @@ parallelism to FSDP to FSDP + tensor parallelism is a config override. The mesh 
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from xgen.config import ConfigError, HardwareConfig
 from xgen.config.validate import mesh_shape
-from xgen.model.layers import Constrain, no_constraint
+from xgen.model.layers import Constrain
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -82,12 +82,35 @@ def logical_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> N
     return nn.logical_to_mesh_sharding(PartitionSpec(*names), mesh, rules)
 
 
+@dataclass(frozen=True)
+class LogicalConstraint:
+    """The sharding hook the model is given: it names logical axes, this maps them to the
+    mesh. Called on an activation, flax's logical constraint (nothing on one device);
+    `local(fn, ...)` runs a kernel XLA cannot split (Pallas) on each device's shard."""
+
+    mesh: Mesh
+    rules: Rules
+
+    def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        if self.mesh.size == 1:
+            return x
+        return nn.with_logical_constraint(x, names, rules=self.rules, mesh=self.mesh)
+
+    @property
+    def platform(self) -> str:
+        return self.mesh.devices.flat[0].platform
+
+    def local(self, fn: Callable, in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]) -> Callable:
+        if self.mesh.size == 1:
+            return fn
+        spec = lambda names: nn.logical_to_mesh_axes(tuple(names), self.rules)  # noqa: E731
+        in_specs = tuple(spec(names) for names in in_names)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=spec(out_names), check_vma=False)
+
+
 def activation_constraint(mesh: Mesh, rules: Rules) -> Constrain:
-    """What the model calls on its main activations (flax's logical constraint over this
-    mesh and table); nothing to do on one device."""
-    if mesh.size == 1:
-        return no_constraint
-    return partial(nn.with_logical_constraint, rules=rules, mesh=mesh)
+    """What the model calls on its main activations (see LogicalConstraint)."""
+    return LogicalConstraint(mesh, rules)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:

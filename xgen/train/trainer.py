@@ -32,6 +32,7 @@ from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
 from xgen.train.preemption import StopRequest
 from xgen.train.resume import check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
+from xgen.train.counted_flops import step_flops
 from xgen.train.throughput import flops_per_token, measure_matmul_peak
 
 log = logging.getLogger(__name__)
@@ -403,6 +404,13 @@ class Trainer:
             shape = (self.batch_size // jax.process_count(), self.cfg.stage.seq_len)
             local_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets")}
         return self._step.lower(self.abstract_state, self._abstract_batch(local_batch)).compile()
+
+    def step_flops(self) -> float:
+        """Matmul FLOPs of one step as its program states them (loops times their trip
+        counts, remat's recomputation included; Pallas kernels not: xgen.train.counted_flops)."""
+        shape = (self.batch_size // jax.process_count(), self.cfg.stage.seq_len)
+        local = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets")}
+        return step_flops(self._step, self.abstract_state, self._abstract_batch(local))
 
     def _abstract_batch(self, local: dict) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch's shapes: hosts' local batches stack along the batch axis."""
