@@ -27,12 +27,12 @@ from xgen.config import ConfigError, XGenConfig
 from xgen.config.validate import mesh_shape
 from xgen.data.batches import Batches, BatchSource
 from xgen.runtime import Runtime
+from xgen.train.counted_flops import step_flops
 from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
 from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
 from xgen.train.preemption import StopRequest
 from xgen.train.resume import check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
-from xgen.train.counted_flops import step_flops
 from xgen.train.throughput import flops_per_token, measure_matmul_peak
 
 log = logging.getLogger(__name__)
