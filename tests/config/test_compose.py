@@ -77,7 +77,7 @@ def test_command_line_override_beats_a_stage_default():
         ("prompt=def main():", "'prompt=def main():'"),
         # Choice fields are enums: refused at composition, with the choices.
         ("execution.remat=everything", "expected one of [none, full, save_dots]"),
-        ("execution.attention=flash", "expected one of [dense, xla, chunked, block_causal]"),
+        ("execution.attention=flash", "expected one of [dense, xla, chunked, block_causal, splash, cudnn]"),
         ("trainer.spike.policy=ignore", "expected one of [log, skip, rollback]"),
         ("execution.compute_dtype=int8", "expected one of [float32, bfloat16, float16]"),
         ("optimizer.mu_dtype=half", "expected one of [float32, bfloat16, float16]"),

@@ -263,6 +263,7 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("layers", None),  # scanned layers' stacked axis (execution.scan_layers): whole on every device
 )
 
 

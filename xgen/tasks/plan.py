@@ -29,8 +29,10 @@ def _advice(plan: dict, cfg: XGenConfig) -> str:
     tips = []
     if cfg.execution.remat == "none":
         tips.append("execution.remat=full")
-    if cfg.execution.attention == "xla":
-        tips.append("execution.attention=chunked")
+    if cfg.hardware.platform == "tpu" and cfg.execution.attention != "splash":
+        tips.append("execution.attention=splash")
+    elif cfg.execution.attention in ("dense", "xla"):
+        tips.append("execution.attention=block_causal")
     if cfg.trainer.grad_accum_steps == 1:
         tips.append("trainer.grad_accum_steps=4")
     if cfg.optimizer.mu_dtype == "float32":
