@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device checks for a lent NVIDIA GPU (an H200 here), as one prepared script (about 8 minutes):
+# The device checks for a lent NVIDIA GPU (an H200 here), as one prepared script (not yet run on one):
 #   here, once:  bash bench/gpu_wheels.sh      (xgen's dependencies the device image lacks, as wheels)
 #   there:       device run, carry [".gpu_wheels"], command "bash bench/gpu.sh"
 # The device image has CUDA JAX, flax, optax, orbax and torch but no registry access: the rest

@@ -45,11 +45,14 @@ def causal_attention(
     t = q.shape[1]
     if kernel == "splash":
         interpret = kernel_platform(constrain) != "tpu"
-        if segment_ids is None:
-            local = lambda q_, k_, v_: splash_attention(q_, k_, v_, None, block=chunk, interpret=interpret)  # noqa: E731
-            return run_local(constrain, local, (Q_AXES, KV_AXES, KV_AXES), Q_AXES)(q, k, v)
-        local = lambda q_, k_, v_, s_: splash_attention(q_, k_, v_, s_, block=chunk, interpret=interpret)  # noqa: E731
-        return run_local(constrain, local, (Q_AXES, KV_AXES, KV_AXES, ("batch", "length")), Q_AXES)(q, k, v, segment_ids)
+        arrays, names = (q, k, v), (Q_AXES, KV_AXES, KV_AXES)
+        if segment_ids is not None:
+            arrays, names = (*arrays, segment_ids), (*names, ("batch", "length"))
+
+        def local(q_, k_, v_, seg=None):
+            return splash_attention(q_, k_, v_, seg, block=chunk, interpret=interpret)
+
+        return run_local(constrain, local, names, Q_AXES)(*arrays)
     if kernel == "block_causal":
         return block_causal_attention(q, k, v, segment_ids, block=chunk)
     if kernel in ("xla", "cudnn"):

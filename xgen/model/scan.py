@@ -50,6 +50,13 @@ def _slice_value(value: Any, i: int) -> Any:
     return value[i]
 
 
+def _check_layers(stacked: Any, n_layers: int) -> None:
+    """A stack of another depth is an error: indexing past its end would clamp, not fail."""
+    for leaf in jax.tree.leaves(stacked):
+        if leaf.shape[:1] != (n_layers,):
+            raise ValueError(f"a stacked layer array of shape {leaf.shape} does not hold {n_layers} layers")
+
+
 def _slice_leaf(leaf: Any, i: int) -> Any:
     """Layer `i` of a stacked leaf (for abstract leaves: the shape and sharding one layer has)."""
     if _is_variable(leaf):
@@ -76,6 +83,7 @@ def stack(per_layer: Mapping[int, Any]) -> Any:
 
 def unstack(stacked: Any, n_layers: int) -> dict[int, Any]:
     """One stacked state -> {0: layer state, 1: ...}."""
+    _check_layers(stacked, n_layers)
     return {i: jax.tree.map(lambda leaf: _slice_leaf(leaf, i), stacked, is_leaf=_is_variable) for i in range(n_layers)}
 
 

@@ -73,8 +73,7 @@ def splash_attention(
     qg = (q * scale).reshape(b, padded, kv, r, d).transpose(0, 2, 3, 1, 4)  # [B, KV, R, T, D]
     kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, D]
     if segment_ids is None:
-        per_group = lambda q_, k_, v_: kernel(q_, k_, v_)  # noqa: E731
-        out = jax.vmap(jax.vmap(per_group))(qg, kg, vg)
+        out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)
     else:
         ids = segment_ids.astype(jnp.int32)
 

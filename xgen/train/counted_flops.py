@@ -9,6 +9,7 @@ scanned, the same program. This walks the step's jaxpr instead: every `dot_gener
 costliest branch (an upper bound: the block-causal kernel skips pairs at run time), a
 `shard_map` body once per device, and remat's recomputation appears where the backward pass
 runs it. Pallas kernels (`pallas_call`) are opaque and counted as zero: callers add them.
+A `while` loop (no static trip count) is refused rather than counted once.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def jaxpr_flops(jaxpr: Any) -> float:
             total += eqn.params["mesh"].size * jaxpr_flops(eqn.params["jaxpr"])
         elif name == "pallas_call":
             continue
+        elif name == "while":  # no trip count to multiply by: a figure would be silently low
+            raise ValueError("counting FLOPs: the program has a while loop of unknown trip count")
         else:
             total += sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params))
     return total
