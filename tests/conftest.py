@@ -8,6 +8,12 @@ from pathlib import Path
 # 8 virtual CPU devices for the sharding tests, set before anything starts JAX; runs on
 # `hardware=cpu` still use one device (the mesh takes the first hardware.num_devices).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache for both xdist workers and the `python -m xgen.run`
+# processes the tests start: the same tiny model's init and step then compile once per
+# suite, not once per test. JAX keys an entry by the program, its flags and its devices, so
+# a hit is the executable a fresh compile would give; the size bound turns on its file lock.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -11,6 +11,7 @@ kernel's.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -35,8 +36,10 @@ def attention_square_flops(cfg: ModelConfig, seq_len: int, batch_tokens: int, re
     return full, full * (seq_len - 1) / (2 * seq_len)
 
 
+@functools.cache
 def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few square matmuls on device 0: the CPU's practical peak."""
+    """FLOP/s of the best of a few square matmuls on device 0: the CPU's practical peak.
+    Measured once per process (the machine does not change; each trainer paid ~0.5 s)."""
     a = jnp.ones((size, size), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
