@@ -52,14 +52,16 @@ def child(name: str, overrides: list[str], batch: int, seq: int) -> None:
 def spawn(name: str, flags: str, overrides: tuple[str, ...], batch: int, seq: int) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
     args = [sys.executable, __file__, "--child", name, "--batch", str(batch), "--seq", str(seq), *overrides]
-    proc = subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    return proc
+    return subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def ask(proc: subprocess.Popen, steps: int) -> list[float]:
+def ask(name: str, proc: subprocess.Popen, steps: int) -> list[float]:
     proc.stdin.write(f"{steps}\n")
     proc.stdin.flush()
-    return json.loads(proc.stdout.readline())["times"]
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"bench/cpu_step.py: variant {name!r} exited mid-run (code {proc.wait()})")
+    return json.loads(line)["times"]
 
 
 def main() -> None:
@@ -83,7 +85,7 @@ def main() -> None:
     times = {name: [] for name in procs}
     for _ in range(args.rounds):
         for name, proc in procs.items():
-            times[name] += ask(proc, args.steps)
+            times[name] += ask(name, proc, args.steps)
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
