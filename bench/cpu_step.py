@@ -25,7 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.data import write_section  # noqa: E402
 
-# (name, extra XLA_FLAGS, config overrides); "torch" runs transformers' model instead.
+# (name, extra XLA_FLAGS, config overrides); names starting "torch" run transformers' model.
+# Rows are compared with the PyTorch row of the same dtype: float32 with "torch", bfloat16
+# (xgen's compute dtype against PyTorch's CPU autocast) with "torch, bf16 autocast".
+BF16 = "execution.compute_dtype=bfloat16"
 VARIANTS = (
     ("xgen", "", ()),
     ("xgen, loss_chunk=512", "", ("execution.loss_chunk=512",)),
@@ -33,7 +36,10 @@ VARIANTS = (
     ("xgen, oneDNN dot fusion", "--xla_cpu_experimental_onednn_fusion_type=dot", ()),
     ("xgen, XNNPACK dot fusion", "--xla_cpu_experimental_xnn_fusion_type=dot", ()),
     ("xgen, YNNPACK dot fusion", "--xla_cpu_experimental_ynn_fusion_type=dot", ()),
+    ("xgen, memory-optimized scheduler", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", ()),
     ("torch", "", ()),
+    ("xgen, bf16", "", (BF16,)),
+    ("torch, bf16 autocast", "", (BF16,)),
 )
 
 
@@ -42,7 +48,10 @@ def child(name: str, overrides: list[str], batch: int, seq: int) -> None:
     from bench.train import TorchStep, XGenStep, xgen_config
 
     shape = ("model=small", f"stage.seq_len={seq}", f"stage.batch_tokens={batch * seq}")
-    step = TorchStep(xgen_config(*shape)) if name == "torch" else XGenStep(*shape, *overrides)
+    if name.startswith("torch"):
+        step = TorchStep(xgen_config(*shape), autocast_bf16=BF16 in overrides)
+    else:
+        step = XGenStep(*shape, *overrides)
     step.step()  # compile / warm the allocator
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -90,20 +99,22 @@ def main() -> None:
         proc.stdin.close()
         proc.wait()
     tokens = args.batch * args.seq
-    base, torch_s = statistics.median(times["xgen"]), statistics.median(times["torch"])
+    med = {name: statistics.median(t) for name, t in times.items()}
     rows = []
-    for name, _, _ in VARIANTS:
-        med = statistics.median(times[name])
-        rows.append(f"| {name} | {med:.3f} s | {tokens / med:,.0f} | {base / med:.3f} | {torch_s / med:.3f} |")
+    for name, _, overrides in VARIANTS:
+        pair = "torch, bf16 autocast" if BF16 in overrides else "torch"
+        base = "xgen, bf16" if BF16 in overrides else "xgen"
+        m = med[name]
+        rows.append(f"| {name} | {m:.3f} s | {tokens / m:,.0f} | {med[base] / m:.3f} | {med[pair] / m:.3f} |")
         print(rows[-1], flush=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
     table = "\n".join(rows)
     write_section("cpu-step", f"""
 ### The CPU step under XLA's CPU options ({time.strftime("%Y-%m-%d")}, {os.cpu_count()} CPUs, {cpu})
 
-`{command}` — `model=small`, batch {args.batch} x {args.seq}, float32, AdamW with clipping; each variant in its own process (XLA reads its flags once), all built first, then timed in {args.rounds} interleaved rounds of {args.steps} steps; medians.
+`{command}` — `model=small`, batch {args.batch} x {args.seq}, AdamW with clipping, float32 parameters; each variant in its own process (XLA reads its flags once), all built first, then timed in {args.rounds} interleaved rounds of {args.steps} steps; medians. The bf16 rows compute matmuls in bfloat16 (`{BF16}`; PyTorch: `torch.autocast("cpu", torch.bfloat16)`) and are compared with each other.
 
-| variant | step | tokens/s | vs xgen | vs PyTorch |
+| variant | step | tokens/s | vs xgen (same dtype) | vs PyTorch (same dtype) |
 |---|---|---|---|---|
 {table}
 """)

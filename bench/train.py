@@ -67,10 +67,14 @@ class XGenStep:
 class TorchStep:
     """transformers' LlamaForCausalLM of the same shape, AdamW with LLaMA's settings."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, autocast_bf16: bool = False):
+        import contextlib
+
         import torch
 
         torch.manual_seed(0)
+        # PyTorch's mixed precision on the CPU: float32 parameters, bfloat16 matmuls.
+        self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast_bf16 else contextlib.nullcontext
         self.torch = torch
         self.model = self.hf_model(cfg).train()
         o = cfg.optimizer
@@ -98,8 +102,9 @@ class TorchStep:
     def step(self) -> float:
         torch = self.torch
         t0 = time.perf_counter()
-        logits = self.model(input_ids=self.inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1))
+        with self.autocast():
+            logits = self.model(input_ids=self.inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()

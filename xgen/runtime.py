@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from xgen import checkpoint
-from xgen.config import ConfigError, ExecutionConfig, HardwareConfig, ModelConfig, XGenConfig
+from xgen.config import ConfigError, ExecutionConfig, HardwareConfig, ModelConfig, RopeScalingConfig, RopeType, XGenConfig
 from xgen.model.scan import stack_layers, unstack_layers
 from xgen.model.transformer import XGenModel, scans_layers
 from xgen.parallel.mesh import MESH_AXES, Rules, activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
@@ -49,7 +49,14 @@ def model_config_from_meta(fields: dict, where: str) -> ModelConfig:
     unknown = sorted(set(fields) - known - legacy)
     if unknown:
         raise ConfigError(f"{where}: its model config has keys this xgen does not know: {', '.join(unknown)}")
-    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+    kept = {k: v for k, v in fields.items() if k in known}
+    if isinstance(kept.get("rope_scaling"), dict):
+        scaling = kept["rope_scaling"]
+        unknown = sorted(set(scaling) - {f.name for f in dataclasses.fields(RopeScalingConfig)})
+        if unknown:
+            raise ConfigError(f"{where}: its model.rope_scaling has keys this xgen does not know: {', '.join(unknown)}")
+        kept["rope_scaling"] = RopeScalingConfig(**{**scaling, "type": RopeType(scaling.get("type", "default"))})
+    return ModelConfig(**kept)
 
 
 def compute_dtype_name(execution: ExecutionConfig, hardware: HardwareConfig) -> str:

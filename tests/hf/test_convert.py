@@ -134,8 +134,18 @@ def _config(**keys):
 
 Q_BIAS = "model.layers.0.self_attn.q_proj.bias"
 BAD = {
-    "rope_scaling": (_config(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling="),
-    "rope_llama3": (_config(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "not plain RoPE"),
+    "rope_longrope": (_config(rope_parameters={"rope_type": "longrope", "factor": 2.0}), "rope_type='longrope'; xgen computes"),
+    "rope_dialects_disagree": (_config(rope_scaling={"type": "linear", "factor": 2.0}), "disagree; which one applies is ambiguous"),
+    "rope_partial": (_config(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    "rope_unused_key": (
+        _config(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "low_freq_factor": 1.0}),
+        "rope_parameters keys low_freq_factor are not used by rope_type='linear'",
+    ),
+    "rope_llama3_bands": (
+        _config(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
+                                 "high_freq_factor": 1.0}),
+        "low_freq_factor=4.0 and high_freq_factor=1.0 must satisfy 0 < low < high",
+    ),
     "attention_bias": (_config(attention_bias=True), "attention_bias=true"),
     "gelu": (_config(hidden_act="gelu"), "hidden_act='gelu'"),
     "mistral": (_config(model_type="mistral"), "model_type='mistral'"),

@@ -135,8 +135,8 @@ def test_bad_import_is_one_line_and_exit_code_2(exported, tmp_path):
     bad = tmp_path / "scaled"
     bad.mkdir()
     config = json.loads((exported[1] / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
+    (bad / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "longrope", "factor": 2.0}}))
     proc = xgen_run("task=import_hf", f"hf_path={bad}", f"out={tmp_path}/out", f"hydra.run.dir={tmp_path}/log")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("xgen: config error: hf_path=") and "rope_scaling=" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("xgen: config error: hf_path=") and "rope_type='longrope'" in lines[0]

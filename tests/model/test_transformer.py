@@ -8,7 +8,7 @@ from flax import nnx
 
 from xgen.config import ExecutionConfig, ModelConfig
 from xgen.model import XGenModel, count_params
-from xgen.model.layers import apply_rope, rope_angles
+from xgen.model.rope import apply_rope, rope_angles
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=128, max_positions=64)
 

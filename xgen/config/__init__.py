@@ -22,6 +22,8 @@ from xgen.config.schema import (
     PrepareConfig,
     RawInputConfig,
     Remat,
+    RopeScalingConfig,
+    RopeType,
     SamplingConfig,
     SandboxConfig,
     ServeConfig,
@@ -52,6 +54,8 @@ def __getattr__(name: str):
 __all__ = [
     "AttentionKernel",
     "Remat",
+    "RopeScalingConfig",
+    "RopeType",
     "SpikePolicy",
     "DType",
     "Platform",

@@ -31,6 +31,16 @@ class AttentionKernel(StrEnum):
     cudnn = "cudnn"
 
 
+class RopeType(StrEnum):
+    """RoPE rules, named as transformers' `rope_type` (see xgen/model/rope.py)."""
+
+    default = "default"
+    linear = "linear"
+    dynamic = "dynamic"
+    yarn = "yarn"
+    llama3 = "llama3"
+
+
 class SpikePolicy(StrEnum):
     log = "log"
     skip = "skip"
@@ -90,6 +100,33 @@ class TaskConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """How rotary frequencies stretch past the length a model was trained at (part of the
+    architecture: checkpoints store it). Keys are transformers' `rope_parameters` names,
+    `original_max_positions` for `original_max_position_embeddings`."""
+
+    # default (plain RoPE) | linear | dynamic (NTK) | yarn | llama3.
+    type: RopeType = RopeType.default
+    # The length multiplier (linear, dynamic, yarn, llama3).
+    factor: float = 1.0
+    # The length the model was pre-trained at (yarn, llama3; required by both).
+    original_max_positions: Optional[int] = None
+    # llama3: wavelengths above original / low_freq_factor are scaled, below original /
+    # high_freq_factor kept, smoothed between (LLaMA 3.1: 1 and 4).
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn: the ramp between the dimensions turning beta_slow and beta_fast times over the
+    # original length; cos and sin scaled by attention_factor (null: 0.1 ln(factor) + 1, or
+    # the mscale / mscale_all_dim ratio where both are set); truncate rounds the ramp's ends.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+
+
+@dataclass
 class ModelConfig:
     """LLaMA/XGen transformer dimensions (home: `xgen.model`)."""
 
@@ -104,6 +141,7 @@ class ModelConfig:
     max_positions: int = 8192
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     tie_embeddings: bool = False
     init_std: float = 0.02
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from xgen.config.errors import ConfigError
-from xgen.config.schema import HardwareConfig, XGenConfig
+from xgen.config.schema import HardwareConfig, RopeScalingConfig, RopeType, XGenConfig
 
 # Tasks that train, and so need a batch that splits over the mesh.
 TRAINING_TASKS = ("pretrain", "pretrain_all", "sft", "plan")
@@ -86,6 +86,43 @@ def _in_range(key: str, value: Any, rule: str) -> tuple[bool, str]:
     return ok, f"{key}={value} must be a finite number {words}" + (" (or null)" if optional else "")
 
 
+def check_rope_scaling(s: RopeScalingConfig, where: str) -> None:
+    """ConfigError naming `where` (`model.rope_scaling`, or an HF config.json) for a rule
+    missing what it needs, or settings that the chosen rule would silently ignore."""
+    default = RopeScalingConfig()
+    kind = s.type
+    used = {
+        RopeType.default: set(),
+        RopeType.linear: {"factor"},
+        RopeType.dynamic: {"factor"},
+        RopeType.yarn: {"factor", "original_max_positions", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                        "mscale_all_dim", "truncate"},
+        RopeType.llama3: {"factor", "original_max_positions", "low_freq_factor", "high_freq_factor"},
+    }[kind]  # fmt: skip
+    for key in vars(default):
+        if key != "type" and key not in used and getattr(s, key) != getattr(default, key):
+            raise ConfigError(f"{where}.{key}={getattr(s, key)} has no effect with type={kind}")
+    if kind == RopeType.default:
+        return
+    for key, value, rule in [("factor", s.factor, ">0"), ("attention_factor", s.attention_factor, ">0?")]:
+        ok, message = _in_range(f"{where}.{key}", value, rule)
+        if not ok:
+            raise ConfigError(message)
+    if s.factor < 1:
+        raise ConfigError(f"{where}.factor={s.factor} must be >= 1 (it stretches the context)")
+    if kind in (RopeType.yarn, RopeType.llama3):
+        ok, message = _in_range(f"{where}.original_max_positions", s.original_max_positions, ">0")
+        if not ok:
+            raise ConfigError(f"{message}: type={kind} needs the length the model was pre-trained at")
+    if kind == RopeType.llama3 and not 0 < s.low_freq_factor < s.high_freq_factor:
+        raise ConfigError(
+            f"{where}: low_freq_factor={s.low_freq_factor} and high_freq_factor={s.high_freq_factor} "
+            "must satisfy 0 < low < high"
+        )
+    if kind == RopeType.yarn and not 0 < s.beta_slow <= s.beta_fast:
+        raise ConfigError(f"{where}: beta_slow={s.beta_slow} and beta_fast={s.beta_fast} must satisfy 0 < slow <= fast")
+
+
 def validate(cfg: XGenConfig) -> None:
     """Raise ConfigError (one line, naming the key, its value and the rule) for a config that
     cannot run or would run wrong; only the config is read (no data, no devices)."""
@@ -94,6 +131,7 @@ def validate(cfg: XGenConfig) -> None:
     for ok, message in _range_checks(cfg):
         if not ok:
             raise ConfigError(message)
+    check_rope_scaling(cfg.model.rope_scaling, "model.rope_scaling")
     m, s, hw, t = cfg.model, cfg.stage, cfg.hardware, cfg.trainer
     n_kv = m.n_kv_heads or m.n_heads
     checks = [

@@ -12,7 +12,8 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from xgen.config import ConfigError, ModelConfig
+from xgen.config import ConfigError, ModelConfig, RopeScalingConfig, RopeType
+from xgen.config.validate import check_rope_scaling
 
 # An xgen parameter's place in the nested pure dict: ("layers", 0, "attn", "q_proj", "kernel").
 XPath = tuple[str | int, ...]
@@ -117,7 +118,9 @@ def hf_config(cfg: ModelConfig, *, bos_token_id: int | None, eos_token_id: int |
         "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
         "pretraining_tp": 1,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_scaling": None,
+        # Both dialects: transformers 5 reads rope_parameters, earlier releases rope_scaling.
+        "rope_parameters": rope_parameters(cfg),
+        "rope_scaling": None if cfg.rope_scaling.type == "default" else rope_parameters(cfg),
         "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
@@ -126,17 +129,77 @@ def hf_config(cfg: ModelConfig, *, bos_token_id: int | None, eos_token_id: int |
     }
 
 
-def _rope_theta(config: dict, where: str) -> float:
-    """Rope theta from either config.json dialect (`rope_theta` and `rope_scaling` before
-    transformers 5, `rope_parameters` since); any scaling is refused: xgen has none."""
-    if config.get("rope_scaling"):
-        raise ConfigError(f"{where}: rope_scaling={config['rope_scaling']} is set; xgen supports plain RoPE only")
-    params = config.get("rope_parameters") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
-    if kind != "default" or extra:
-        raise ConfigError(f"{where}: rope_parameters={params} is not plain RoPE; xgen supports plain RoPE only")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+# xgen's RopeScalingConfig keys <-> transformers' rope_parameters keys, per rule.
+_ROPE_KEYS = {
+    "factor": "factor", "original_max_positions": "original_max_position_embeddings",
+    "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+    "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor",
+    "mscale": "mscale", "mscale_all_dim": "mscale_all_dim", "truncate": "truncate",
+}  # fmt: skip
+_ROPE_USES = {
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_positions", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "original_max_positions", "low_freq_factor", "high_freq_factor"),
+}  # fmt: skip
+
+
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers' `rope_parameters` for `cfg` (rope_theta included)."""
+    s = cfg.rope_scaling
+    out: dict[str, Any] = {"rope_type": str(s.type), "rope_theta": cfg.rope_theta}
+    for key in _ROPE_USES[str(s.type)]:
+        if getattr(s, key) is not None:
+            out[_ROPE_KEYS[key]] = getattr(s, key)
+    return out
+
+
+def _standard(params: dict, config: dict) -> dict:
+    """Either dialect's dict as transformers 5 holds it: `rope_type`, with `rope_theta`."""
+    out = {k: v for k, v in params.items() if k != "type"}
+    out.setdefault("rope_type", params.get("type", "default"))
+    out.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return out
+
+
+def _rope(config: dict, where: str) -> tuple[float, RopeScalingConfig]:
+    """Theta and scaling from either config.json dialect (`rope_theta` and `rope_scaling`
+    before transformers 5, `rope_parameters` since), read as transformers reads them
+    (`standardize_rope_params`); a rule xgen does not compute, or a key it would ignore, is
+    refused, because the weights would load and compute something else."""
+    legacy, current = config.get("rope_scaling"), config.get("rope_parameters")
+    for key, value in (("rope_scaling", legacy), ("rope_parameters", current)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}={value!r} is not a mapping")
+    if legacy and current and _standard(legacy, config) != _standard(current, config):
+        raise ConfigError(f"{where}: rope_scaling={legacy} and rope_parameters={current} disagree; which one applies is ambiguous")
+    params = dict(current or legacy or {})
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    params.pop("type", None)
+    theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
+    if kind not in _ROPE_USES:
+        raise ConfigError(f"{where}: rope_type={kind!r}; xgen computes {', '.join(_ROPE_USES)}")
+    partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{where}: partial_rotary_factor={partial}; xgen rotates the whole head")
+    if kind in ("yarn", "llama3"):  # transformers: the top-level key wins, else max_position_embeddings
+        top = config.get("original_max_position_embeddings")
+        if top is not None:
+            params["original_max_position_embeddings"] = top
+        params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 2048))
+    if kind == "yarn" and params.get("factor") is None:
+        params["factor"] = config.get("max_position_embeddings", 2048) / params["original_max_position_embeddings"]
+    by_hf = {hf: ours for ours, hf in _ROPE_KEYS.items()}
+    extra = sorted(k for k in params if k not in by_hf or by_hf[k] not in _ROPE_USES[kind])
+    if extra:
+        raise ConfigError(f"{where}: rope_parameters keys {', '.join(extra)} are not used by rope_type={kind!r} in xgen")
+    values = {by_hf[k]: v for k, v in params.items() if v is not None}
+    for key in ("beta_fast", "beta_slow"):  # transformers: `or 32`, `or 1`
+        if key in values and not values[key]:
+            del values[key]
+    scaling = RopeScalingConfig(type=RopeType(kind), **values)
+    check_rope_scaling(scaling, f"{where}: rope_parameters")
+    return theta, scaling
 
 
 def model_config(config: dict, name: str, where: str) -> ModelConfig:
@@ -155,7 +218,7 @@ def model_config(config: dict, name: str, where: str) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise ConfigError(f"{where}: {key}=true; xgen's layers have no biases")
-    theta = _rope_theta(config, where)
+    theta, scaling = _rope(config, where)
     d, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     kv = int(config.get("num_key_value_heads") or heads)
     if d % heads or heads % kv:
@@ -176,6 +239,7 @@ def model_config(config: dict, name: str, where: str) -> ModelConfig:
         max_positions=int(config.get("max_position_embeddings", 2048)),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
+        rope_scaling=scaling,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=float(config.get("initializer_range", 0.02)),
     )
@@ -187,4 +251,6 @@ def model_overrides(cfg: ModelConfig) -> list[str]:
             "rms_norm_eps", "rope_theta", "tie_embeddings")  # fmt: skip
     values = {k: getattr(cfg, k) for k in keys}
     text = {k: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
+    scaling = {f"rope_scaling.{k}": getattr(cfg.rope_scaling, k) for k in ("type", *_ROPE_USES[str(cfg.rope_scaling.type)])}
+    text.update({k: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in scaling.items()})
     return [f"model.{k}={v}" for k, v in text.items()]

@@ -1,4 +1,4 @@
-"""Building blocks of the LLaMA/XGen transformer: linear maps, RMSNorm, rotary embeddings.
+"""Building blocks of the LLaMA/XGen transformer: linear maps and RMSNorm (rotary embeddings: rope.py).
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...) as
 metadata; `xgen.parallel` maps them to mesh axes with a rules table, so the model never
@@ -70,18 +70,3 @@ class RMSNorm(nnx.Module):
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return x * self.scale[...]
-
-
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of shape [batch, length, 1, head_dim] for the rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding in LLaMA checkpoints' rotate-half layout: x*cos + rotate_half(x)*sin."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
