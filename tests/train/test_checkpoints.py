@@ -1,5 +1,6 @@
 """Checkpoints: kill -9 and SIGTERM mid-run, restore on another mesh (8 devices to 1), retention, rollback."""
 
+import dataclasses
 import json
 import os
 import random
@@ -143,7 +144,7 @@ def test_imported_parameters_start_training_like_a_reset_optimizer(tmp_path):
     model_cfg = model_config_of(source)
     abstract = nnx.state(nnx.eval_shape(lambda: XGenModel(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
     params = checkpoint.restore_params(source, abstract)
-    checkpoint.save_params(tmp_path / "imported", params, {"config": {"model": model_cfg.__dict__}})
+    checkpoint.save_params(tmp_path / "imported", params, {"config": {"model": dataclasses.asdict(model_cfg)}})
     assert not checkpoint.has_optimizer_state(tmp_path / "imported") and checkpoint.has_optimizer_state(source)
 
     runs = {}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from xgen.config import ExecutionConfig, ModelConfig
+from xgen.config import ExecutionConfig, ModelConfig, RopeScalingConfig
 from xgen.model.attention import cached_attention, causal_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, logical_param, no_constraint
 from xgen.model.rope import apply_rope, rope_angles
@@ -57,7 +57,9 @@ class Attention(nnx.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.theta, self.rope_scaling, self.max_positions = cfg.rope_theta, cfg.rope_scaling, cfg.max_positions
+        self.theta, self.max_positions = cfg.rope_theta, cfg.max_positions
+        # As items: a module's static attributes are hashed (nnx GraphDef), the dataclass is not hashable.
+        self.rope_scaling = tuple(sorted(vars(cfg.rope_scaling).items()))
         self.kernel, self.chunk = execution.attention, execution.attention_chunk
         self.dtype = dtype
         self.constrain = constrain
@@ -78,7 +80,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_angles(positions, self.head_dim, self.theta, self.rope_scaling, self.max_positions)
+        scaling = RopeScalingConfig(**dict(self.rope_scaling))
+        cos, sin = rope_angles(positions, self.head_dim, self.theta, scaling, self.max_positions)
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         q, k, v = q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
