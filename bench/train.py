@@ -112,19 +112,12 @@ class TorchStep:
         return time.perf_counter() - t0
 
 
-def torch_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+def torch_matmul_peak(size: int = 2048) -> float:
     """The same square float32 matmul as `measure_matmul_peak`, in PyTorch: the libraries'
     own ceilings differ on this CPU, which bounds the achievable ratio."""
-    import torch
+    from bench.matmul_peak import torch_matmul
 
-    a = torch.ones(size, size)
-    torch.mm(a, a)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, a)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
+    return torch_matmul(size, size, size)
 
 
 def compare(batch: int, seq: int, rounds: int, steps: int) -> dict:

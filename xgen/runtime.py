@@ -30,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from xgen import checkpoint
 from xgen.config import ConfigError, ExecutionConfig, HardwareConfig, ModelConfig, RopeScalingConfig, RopeType, XGenConfig
+from xgen.config.validate import check_rope_scaling
 from xgen.model.scan import stack_layers, unstack_layers
 from xgen.model.transformer import XGenModel, scans_layers
 from xgen.parallel.mesh import MESH_AXES, Rules, activation_constraint, axis_rules, logical_sharding, make_mesh, state_shardings
@@ -55,7 +56,11 @@ def model_config_from_meta(fields: dict, where: str) -> ModelConfig:
         unknown = sorted(set(scaling) - {f.name for f in dataclasses.fields(RopeScalingConfig)})
         if unknown:
             raise ConfigError(f"{where}: its model.rope_scaling has keys this xgen does not know: {', '.join(unknown)}")
-        kept["rope_scaling"] = RopeScalingConfig(**{**scaling, "type": RopeType(scaling.get("type", "default"))})
+        kind = scaling.get("type", "default")
+        if kind not in RopeType.__members__:
+            raise ConfigError(f"{where}: its model.rope_scaling.type={kind!r} is not one of {', '.join(RopeType)}")
+        kept["rope_scaling"] = RopeScalingConfig(**{**scaling, "type": RopeType(kind)})
+        check_rope_scaling(kept["rope_scaling"], f"{where}: its model.rope_scaling")
     return ModelConfig(**kept)
 
 

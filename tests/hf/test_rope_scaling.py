@@ -92,3 +92,16 @@ def test_a_rule_set_on_a_field_it_ignores_is_refused():
     config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0, "beta_fast": 8}
     with pytest.raises(ConfigError, match="rope_parameters keys beta_fast are not used by rope_type='dynamic'"):
         model_config(config, "m", "config.json")
+
+
+def test_a_checkpoint_records_the_rule_and_a_damaged_record_is_refused():
+    from xgen.runtime import model_config_from_meta
+
+    fields = {"name": "m", "d_model": 48, "n_layers": 2, "n_heads": 3, "d_ff": 80}
+    cfg = model_config_from_meta({**fields, "rope_scaling": {"type": "linear", "factor": 2.0}}, "ckpt")
+    assert cfg.rope_scaling == RopeScalingConfig(type=RopeType.linear, factor=2.0)
+    assert model_config_from_meta(fields, "ckpt").rope_scaling == RopeScalingConfig()  # written before the rules
+    with pytest.raises(ConfigError, match="ckpt: its model.rope_scaling.type='ntk' is not one of"):
+        model_config_from_meta({**fields, "rope_scaling": {"type": "ntk"}}, "ckpt")
+    with pytest.raises(ConfigError, match=r"ckpt: its model.rope_scaling.factor=2.0 has no effect with type=default"):
+        model_config_from_meta({**fields, "rope_scaling": {"type": "default", "factor": 2.0}}, "ckpt")

@@ -126,6 +126,18 @@ class RopeScalingConfig:
     truncate: bool = True
 
 
+# The RopeScalingConfig keys each rule reads (validation refuses any other set; HF import
+# and export map exactly these).
+ROPE_RULE_KEYS: dict[str, tuple[str, ...]] = {
+    RopeType.default: (),
+    RopeType.linear: ("factor",),
+    RopeType.dynamic: ("factor",),
+    RopeType.yarn: ("factor", "original_max_positions", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                    "mscale_all_dim", "truncate"),
+    RopeType.llama3: ("factor", "original_max_positions", "low_freq_factor", "high_freq_factor"),
+}  # fmt: skip
+
+
 @dataclass
 class ModelConfig:
     """LLaMA/XGen transformer dimensions (home: `xgen.model`)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from xgen.config.errors import ConfigError
-from xgen.config.schema import HardwareConfig, RopeScalingConfig, RopeType, XGenConfig
+from xgen.config.schema import ROPE_RULE_KEYS, HardwareConfig, RopeScalingConfig, RopeType, XGenConfig
 
 # Tasks that train, and so need a batch that splits over the mesh.
 TRAINING_TASKS = ("pretrain", "pretrain_all", "sft", "plan")
@@ -89,16 +89,8 @@ def _in_range(key: str, value: Any, rule: str) -> tuple[bool, str]:
 def check_rope_scaling(s: RopeScalingConfig, where: str) -> None:
     """ConfigError naming `where` (`model.rope_scaling`, or an HF config.json) for a rule
     missing what it needs, or settings that the chosen rule would silently ignore."""
-    default = RopeScalingConfig()
-    kind = s.type
-    used = {
-        RopeType.default: set(),
-        RopeType.linear: {"factor"},
-        RopeType.dynamic: {"factor"},
-        RopeType.yarn: {"factor", "original_max_positions", "beta_fast", "beta_slow", "attention_factor", "mscale",
-                        "mscale_all_dim", "truncate"},
-        RopeType.llama3: {"factor", "original_max_positions", "low_freq_factor", "high_freq_factor"},
-    }[kind]  # fmt: skip
+    default, kind = RopeScalingConfig(), s.type
+    used = ROPE_RULE_KEYS[kind]
     for key in vars(default):
         if key != "type" and key not in used and getattr(s, key) != getattr(default, key):
             raise ConfigError(f"{where}.{key}={getattr(s, key)} has no effect with type={kind}")

@@ -13,6 +13,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from xgen.config import ConfigError, ModelConfig, RopeScalingConfig, RopeType
+from xgen.config.schema import ROPE_RULE_KEYS
 from xgen.config.validate import check_rope_scaling
 
 # An xgen parameter's place in the nested pure dict: ("layers", 0, "attn", "q_proj", "kernel").
@@ -120,7 +121,7 @@ def hf_config(cfg: ModelConfig, *, bos_token_id: int | None, eos_token_id: int |
         "rms_norm_eps": cfg.rms_norm_eps,
         # Both dialects: transformers 5 reads rope_parameters, earlier releases rope_scaling.
         "rope_parameters": rope_parameters(cfg),
-        "rope_scaling": None if cfg.rope_scaling.type == "default" else rope_parameters(cfg),
+        "rope_scaling": None if cfg.rope_scaling.type == "default" else _legacy(rope_parameters(cfg)),
         "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
@@ -136,22 +137,19 @@ _ROPE_KEYS = {
     "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor",
     "mscale": "mscale", "mscale_all_dim": "mscale_all_dim", "truncate": "truncate",
 }  # fmt: skip
-_ROPE_USES = {
-    "default": (), "linear": ("factor",), "dynamic": ("factor",),
-    "yarn": ("factor", "original_max_positions", "beta_fast", "beta_slow", "attention_factor", "mscale",
-             "mscale_all_dim", "truncate"),
-    "llama3": ("factor", "original_max_positions", "low_freq_factor", "high_freq_factor"),
-}  # fmt: skip
-
-
 def rope_parameters(cfg: ModelConfig) -> dict:
     """transformers' `rope_parameters` for `cfg` (rope_theta included)."""
     s = cfg.rope_scaling
     out: dict[str, Any] = {"rope_type": str(s.type), "rope_theta": cfg.rope_theta}
-    for key in _ROPE_USES[str(s.type)]:
+    for key in ROPE_RULE_KEYS[s.type]:
         if getattr(s, key) is not None:
             out[_ROPE_KEYS[key]] = getattr(s, key)
     return out
+
+
+def _legacy(params: dict) -> dict:
+    """`rope_parameters` in the earlier dialect: theta lives beside it, as `rope_theta`."""
+    return {k: v for k, v in params.items() if k != "rope_theta"}
 
 
 def _standard(params: dict, config: dict) -> dict:
@@ -177,8 +175,8 @@ def _rope(config: dict, where: str) -> tuple[float, RopeScalingConfig]:
     kind = params.pop("rope_type", params.pop("type", "default"))
     params.pop("type", None)
     theta = float(params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
-    if kind not in _ROPE_USES:
-        raise ConfigError(f"{where}: rope_type={kind!r}; xgen computes {', '.join(_ROPE_USES)}")
+    if kind not in ROPE_RULE_KEYS:
+        raise ConfigError(f"{where}: rope_type={kind!r}; xgen computes {', '.join(ROPE_RULE_KEYS)}")
     partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ConfigError(f"{where}: partial_rotary_factor={partial}; xgen rotates the whole head")
@@ -190,7 +188,7 @@ def _rope(config: dict, where: str) -> tuple[float, RopeScalingConfig]:
     if kind == "yarn" and params.get("factor") is None:
         params["factor"] = config.get("max_position_embeddings", 2048) / params["original_max_position_embeddings"]
     by_hf = {hf: ours for ours, hf in _ROPE_KEYS.items()}
-    extra = sorted(k for k in params if k not in by_hf or by_hf[k] not in _ROPE_USES[kind])
+    extra = sorted(k for k in params if k not in by_hf or by_hf[k] not in ROPE_RULE_KEYS[kind])
     if extra:
         raise ConfigError(f"{where}: rope_parameters keys {', '.join(extra)} are not used by rope_type={kind!r} in xgen")
     values = {by_hf[k]: v for k, v in params.items() if v is not None}
@@ -250,7 +248,6 @@ def model_overrides(cfg: ModelConfig) -> list[str]:
     keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_positions",
             "rms_norm_eps", "rope_theta", "tie_embeddings")  # fmt: skip
     values = {k: getattr(cfg, k) for k in keys}
+    values.update({f"rope_scaling.{k}": getattr(cfg.rope_scaling, k) for k in ("type", *ROPE_RULE_KEYS[cfg.rope_scaling.type])})
     text = {k: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
-    scaling = {f"rope_scaling.{k}": getattr(cfg.rope_scaling, k) for k in ("type", *_ROPE_USES[str(cfg.rope_scaling.type)])}
-    text.update({k: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in scaling.items()})
     return [f"model.{k}={v}" for k, v in text.items()]
