@@ -99,7 +99,7 @@ class Runtime:
     @classmethod
     def local(cls, model: ModelConfig, execution: ExecutionConfig | None = None, dtype=jnp.float32) -> Runtime:
         """One device, no sharding: tests, benchmarks and small tools."""
-        mesh = jax.make_mesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:1])
+        mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=jax.devices()[:1])
         return cls(model, execution or ExecutionConfig(), mesh, (), jnp.dtype(dtype), jnp.dtype(dtype))
 
     # ---- the model and its placement ----------------------------------------------------

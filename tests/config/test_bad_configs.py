@@ -66,6 +66,12 @@ BAD = [
     (["stage.token_budget=-1"], "stage.token_budget=-1 must be a finite number >= 0"),
     (["plan.mfu=1.5"], "plan.mfu=1.5 must be a finite number in (0, 1]"),
     (["hardware.num_devices=0"], "hardware.num_devices=0 must be"),
+    # context parallelism: lengths that do not split into 2 x context chunks, kernels that cannot gather
+    (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
+      "stage.seq_len=36", "stage.batch_tokens=288"], "stage.seq_len=36 does not split into 2 x hardware.mesh.context=4"),
+    (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
+      "execution.attention=splash"], "execution.attention=splash does not run with hardware.mesh.context=4"),
+    (["hardware.mesh.context=0"], "hardware.mesh: sizes must be positive or -1"),
 ]
 
 

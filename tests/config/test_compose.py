@@ -35,7 +35,7 @@ def test_every_group_file_composes_into_the_typed_config(group, option):
 def test_report_final_stage_on_a_512_chip_pod():
     cfg = compose_config("stage=s3_8k", "hardware=tpu_v4_512")
     assert cfg.stage.seq_len == 8192 and cfg.stage.init_from_stage == "s2_4k"
-    assert cfg.hardware.num_devices == 512 and mesh_shape(cfg.hardware) == {"data": 1, "fsdp": 512, "tensor": 1}
+    assert cfg.hardware.num_devices == 512 and mesh_shape(cfg.hardware) == {"data": 1, "fsdp": 512, "context": 1, "tensor": 1}
     assert cfg.hardware.compute_dtype == "bfloat16" and cfg.optimizer.name == "adamw"
 
 

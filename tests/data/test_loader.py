@@ -101,8 +101,10 @@ def test_sub_stage_chunks_are_disjoint_and_cover_the_data(synthetic_data):
     shares = {s: store.lengths[c].sum() / store.lengths.sum() for s, c in chunks.items()}
     # Cut at document boundaries: each share is off by at most the largest document.
     largest = store.lengths.max() / store.lengths.sum()
-    assert shares["s1_2k"] == pytest.approx(800 / 1500, abs=largest + 0.01)
-    assert shares["s3_8k"] == pytest.approx(300 / 1500, abs=largest + 0.01)
+    total = sum(split.values())  # s1_2k 800, s2_4k 400, s3_8k 300, s5_32k 50
+    assert shares["s1_2k"] == pytest.approx(800 / total, abs=largest + 0.01)
+    assert shares["s3_8k"] == pytest.approx(300 / total, abs=largest + 0.01)
+    assert shares["s5_32k"] == pytest.approx(50 / total, abs=largest + 0.01)
     # A stage outside the split (the code stage) reads everything, shuffled.
     assert sorted(stage_chunk(docs, store.lengths, split, "s4_code_8k", seed=0)) == list(docs)
 

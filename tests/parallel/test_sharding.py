@@ -23,6 +23,8 @@ LAYOUTS = {
     "mixed": ("hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2"),
     # Stacked layers (the `layers` axis unsplit) under the same FSDP x tensor split.
     "mixed_scanned": ("hardware.mesh.data=2", "hardware.mesh.fsdp=2", "hardware.mesh.tensor=2", "execution.scan_layers=true"),
+    # Context parallelism: each 32-token sequence split over 4 devices (gathered keys, zigzag order).
+    "context": ("hardware.mesh.data=1", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.tensor=1"),
 }
 
 

@@ -1,6 +1,7 @@
 """The report's 2K -> 4K -> 8K schedule: stage hand-off and resuming at the right stage."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,3 +68,52 @@ def test_a_stage_refuses_a_missing_start_checkpoint_in_one_line(tmp_path):
     cfg = compose_config("stage=s2_4k", f"trainer.init_from={tmp_path / 'nowhere'}", "trainer.steps=1")
     with pytest.raises(ConfigError, match="trainer.init_from=.*no complete checkpoint"):
         Trainer(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_32k_stage_trains_tiny_on_the_cpu_in_a_few_gib(tmp_path):
+    """stage=s5_32k (past the report: 32,768-token sequences, YaRN over the 8K model) composes
+    and trains the tiny model for two steps, with the tiled kernel and a chunked loss; the
+    process's peak memory is measured (docs/long-context.md gives the figure)."""
+    cfg = compose_config("stage=s5_32k", "model=tiny")
+    assert (cfg.stage.seq_len, cfg.model.max_positions) == (32768, 32768)
+    assert (cfg.model.rope_scaling.type, cfg.model.rope_scaling.factor, cfg.model.rope_scaling.original_max_positions) == (
+        "yarn", 4.0, 8192)  # fmt: skip
+    log_path = tmp_path / "out.log"
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xgen.run", "stage=s5_32k", "execution.attention=block_causal",
+             "execution.attention_chunk=512", "execution.loss_chunk=2048", "stage.batch_tokens=32768",
+             "trainer.steps=2", "trainer.log_every=1", f"hydra.run.dir={tmp_path}"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2] and all(r["tokens_seen"] == r["step"] * 32768 for r in recs)
+    peak_gib = usage.ru_maxrss / 2**20  # KiB on Linux
+    print(f"s5_32k tiny: peak RSS {peak_gib:.2f} GiB")
+    assert peak_gib < 8, f"the 32K tiny step took {peak_gib:.1f} GiB"
+
+
+def test_pretrain_all_can_continue_into_the_32k_stage_on_its_own_chunk():
+    """task.stages may end with s5_32k: it gets the YaRN model over 32K positions while the
+    stages before keep theirs, and a mix that splits its data must give it a chunk of its own
+    (reading the whole mix would train again on the other stages' documents)."""
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+    from xgen.config import ConfigError
+    from xgen.config.validate import validate
+    from xgen.tasks.pretrain_all import stage_configs
+
+    cfg = compose_config("task=pretrain_all", "task.stages=[s3_8k,s5_32k]")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        s3, s5 = stage_configs(cfg)
+    assert (s3.model.max_positions, s3.model.rope_scaling.type) == (8192, "default")
+    assert (s5.model.max_positions, s5.model.rope_scaling.type, s5.stage.init_from_stage) == (32768, "yarn", "s3_8k")
+    assert s3.model.d_model == s5.model.d_model and s3.model.n_layers == s5.model.n_layers  # same weights continue
+    assert "s5_32k" in compose_config("data_mix=stage1").data_mix.stage_split
+    with pytest.raises(ConfigError, match=r"stage=s5_32k has no chunk in data_mix=stage1's stage_split \(s1_2k, s2_4k, s3_8k\)"):
+        validate(compose_config("stage=s5_32k", "data_mix=stage1", "~data_mix.stage_split.s5_32k"))

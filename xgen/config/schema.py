@@ -302,11 +302,12 @@ class OptimizerConfig:
 
 
 # Logical axis -> mesh axes (MaxText style). A mesh axis is used at most once per array:
-# activations [batch, length, embed] shard batch over data+fsdp and leave embed whole,
-# while parameters [embed, mlp] shard embed over fsdp (ZeRO-3) and mlp over tensor.
+# activations [batch, length, embed] shard batch over data+fsdp, length over context
+# (context parallelism; a mesh axis of 1 by default) and leave embed whole, while
+# parameters [embed, mlp] shard embed over fsdp (ZeRO-3) and mlp over tensor.
 DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ["data", "fsdp"]),
-    ("length", None),
+    ("length", "context"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -323,6 +324,9 @@ class MeshConfig:
 
     data: int = 1
     fsdp: int = -1
+    # Context parallelism: each sequence split over this many devices (the `length` axis of
+    # activations; attention gathers keys and values over it, see xgen/model/context_parallel.py).
+    context: int = 1
     tensor: int = 1
 
 
@@ -518,7 +522,7 @@ class EvalConfig:
     does not use are ignored by it; each `conf/eval/*.yaml` sets the ones it reads."""
 
     name: str = MISSING
-    # mmlu | zeroshot | humaneval | ppl_by_position | summarization | longform_qa | mt_bench | alpaca_eval
+    # mmlu | zeroshot | humaneval | ppl_by_position | passkey | summarization | longform_qa | mt_bench | alpaca_eval
     kind: str = MISSING
     data_path: str = MISSING  # the benchmark's files, in their public layout
     shots: int = 0
@@ -549,6 +553,11 @@ class EvalConfig:
     # min_tokens tokens, scored over their first min_tokens positions.
     checkpoints: list[str] = field(default_factory=list)
     min_tokens: int = 8192
+    # passkey: prompt lengths in tokens, depths of the key in the filler (0: start, 1: end),
+    # and trials per (length, depth) cell, each with its own 5-digit key (drawn from `seed`).
+    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 5
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # Pairwise judging (alpaca_eval): the reference answers' file.
     reference_path: Optional[str] = None

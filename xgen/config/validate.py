@@ -63,7 +63,10 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         rules += [("eval.limit", ev.limit, ">0?"), ("eval.batch_size", ev.batch_size, ">0"), ("eval.shots", ev.shots, ">=0"),
                   ("eval.n_samples", ev.n_samples, ">0"), ("eval.max_new_tokens", ev.max_new_tokens, ">0"),
                   ("eval.temperature", ev.temperature, ">=0"), ("eval.top_p", ev.top_p, "(0,1]"),
-                  ("eval.max_input_tokens", ev.max_input_tokens, ">0?"), ("eval.min_tokens", ev.min_tokens, ">0")]  # fmt: skip
+                  ("eval.max_input_tokens", ev.max_input_tokens, ">0?"), ("eval.min_tokens", ev.min_tokens, ">0"),
+                  ("eval.passkey_trials", ev.passkey_trials, ">0"),
+                  *((f"eval.passkey_lengths[{i}]", n, ">0") for i, n in enumerate(ev.passkey_lengths)),
+                  *((f"eval.passkey_depths[{i}]", d, "[0,1]") for i, d in enumerate(ev.passkey_depths))]  # fmt: skip
     if cfg.sft is not None:
         rules += [("sft.epochs", cfg.sft.epochs, ">0"), ("sft.heldout", cfg.sft.heldout, ">=0")]
     return [_in_range(key, value, rule) for key, value, rule in rules]
@@ -144,6 +147,13 @@ def validate(cfg: XGenConfig) -> None:
             "use block_causal (or splash on a TPU)",
         ),
     ]
+    split = cfg.data_mix.stage_split
+    if split and s.name not in split and cfg.task.name in ("pretrain", "pretrain_all"):
+        checks.append((False, (
+            f"stage={s.name} has no chunk in data_mix={cfg.data_mix.name}'s stage_split ({', '.join(split)}): it would "
+            f"train on the other stages' documents; add data_mix.stage_split.{s.name}=<share> (the other chunks are "
+            "then re-cut) or choose a mix without a split"
+        )))
     for name, src in cfg.data_mix.sources.items():
         checks.append((src.kind != "prepared" or bool(src.path), f"data_mix.sources.{name}: kind 'prepared' needs a path"))
         local = src.kind == "prepared" and src.path and "://" not in src.path
@@ -165,6 +175,17 @@ def validate(cfg: XGenConfig) -> None:
         if not ok:
             raise ConfigError(message)
     sizes = mesh_shape(hw)  # raises on a mesh that cannot cover the devices
+    if sizes["context"] > 1:
+        if cfg.execution.attention in ("splash", "cudnn"):
+            raise ConfigError(
+                f"execution.attention={cfg.execution.attention} does not run with hardware.mesh.context={sizes['context']} "
+                "(context parallelism gathers keys per device); use block_causal"
+            )
+        if cfg.task.name in TRAINING_TASKS and s.seq_len % (2 * sizes["context"]):
+            raise ConfigError(
+                f"stage.seq_len={s.seq_len} does not split into 2 x hardware.mesh.context={sizes['context']} equal chunks "
+                "(context parallelism balances the causal work by giving each device two of them)"
+            )
     if cfg.task.name in TRAINING_TASKS:
         batch, accum, shards = s.batch_tokens // s.seq_len, t.grad_accum_steps, sizes["data"] * sizes["fsdp"]
         if batch % accum or (batch // accum) % shards:
@@ -176,7 +197,7 @@ def validate(cfg: XGenConfig) -> None:
 
 def mesh_shape(hw: HardwareConfig) -> dict[str, int]:
     """Axis sizes of the mesh with -1 filled in from hardware.num_devices."""
-    sizes = {"data": hw.mesh.data, "fsdp": hw.mesh.fsdp, "tensor": hw.mesh.tensor}
+    sizes = {"data": hw.mesh.data, "fsdp": hw.mesh.fsdp, "context": hw.mesh.context, "tensor": hw.mesh.tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ConfigError(f"hardware.mesh: only one axis may be -1, got {free}")

@@ -9,6 +9,11 @@ log-sum-exp, and the backward pass (a custom VJP, FlashAttention-2's) recomputes
 tile's probabilities from it instead of storing them, so memory grows with the block, not
 with the length. Forward and backward equal `dense` up to float rounding
 (tests/model/test_block_causal.py).
+
+What a query sees is decided by positions and segments, never by array order
+(`block_attention`): context parallelism gives each device a part of the queries, in a
+balanced order, against all the keys (context_parallel.py); `block_causal_attention` is the
+case of one sequence in order.
 """
 
 from __future__ import annotations
@@ -28,12 +33,19 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     return i.astype(np.int32), j.astype(np.int32)
 
 
-def _mask(seg, i, j, c):
-    """Which of query block i's queries may see which of key block j's keys: [B, 1, 1, c, c]."""
-    pos_q, pos_k = i * c + jnp.arange(c), j * c + jnp.arange(c)
-    sq = jax.lax.dynamic_slice_in_dim(seg, i * c, c, axis=1)
-    sk = jax.lax.dynamic_slice_in_dim(seg, j * c, c, axis=1)
-    allowed = (pos_q[:, None] >= pos_k[None, :])[None] & (sq[:, :, None] == sk[:, None, :])  # [B, c, c]
+def _all_pairs(n_q: int, n_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (query block, key block): for queries and keys in any order (context
+    parallelism), where only the positions say which pairs are empty."""
+    i, j = np.divmod(np.arange(n_q * n_k), n_k)
+    return i.astype(np.int32), j.astype(np.int32)
+
+
+def _mask(where, i, j, c):
+    """Which of query block i's queries may see which of key block j's keys: [B, 1, 1, c, c].
+    `where` = (query positions, key positions, query segments, key segments), each [B, T]:
+    a key is seen when it is in the query's segment at a position not after the query's."""
+    q_pos, k_pos, q_seg, k_seg = (jax.lax.dynamic_slice_in_dim(x, at * c, c, axis=1) for x, at in zip(where, (i, j, i, j)))
+    allowed = (q_pos[:, :, None] >= k_pos[:, None, :]) & (q_seg[:, :, None] == k_seg[:, None, :])  # [B, c, c]
     return allowed[:, None, None]
 
 
@@ -44,8 +56,14 @@ def _scores(q, k, i, j, c, scale):
     return jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj, preferred_element_type=jnp.float32) * scale
 
 
-def _forward(q, k, v, seg, c):
-    """out [B, T, KV, R, D] and log-sum-exp [B, KV, R, T] (T a multiple of c)."""
+def _block_pairs(q, k, c, ordered):
+    """The block pairs to visit: those on and below the diagonal when queries and keys are
+    the same sequence in order (`ordered`), else all of them."""
+    return _pairs(q.shape[1] // c) if ordered else _all_pairs(q.shape[1] // c, k.shape[1] // c)
+
+
+def _forward(q, k, v, where, c, ordered):
+    """out [B, Tq, KV, R, D] and log-sum-exp [B, KV, R, Tq] (Tq and Tk multiples of c)."""
     b, t, g, r, d = q.shape
     scale = d**-0.5
     m0 = jnp.full((b, g, r, t), NEG, jnp.float32)
@@ -54,7 +72,7 @@ def _forward(q, k, v, seg, c):
     def pair(carry, ij):
         m, l, acc = carry
         i, j = ij
-        allowed = _mask(seg, i, j, c)  # cheap: a skipped pair computes no scores
+        allowed = _mask(where, i, j, c)  # cheap: a skipped pair computes no scores
 
         def update(carry):
             m, l, acc = carry
@@ -75,23 +93,24 @@ def _forward(q, k, v, seg, c):
 
         return jax.lax.cond(allowed.any(), update, lambda carry: carry, (m, l, acc)), None
 
-    (m, l, acc), _ = jax.lax.scan(pair, (m0, jnp.zeros_like(m0), acc0), _pairs(t // c))
-    out = (acc / l[..., None]).transpose(0, 3, 1, 2, 4)  # [B, T, KV, R, D]
+    (m, l, acc), _ = jax.lax.scan(pair, (m0, jnp.zeros_like(m0), acc0), _block_pairs(q, k, c, ordered))
+    # A query that sees no key at all (only padding does) gets zeros, never 0/0.
+    out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).transpose(0, 3, 1, 2, 4)  # [B, Tq, KV, R, D]
     return out.astype(q.dtype), m + jnp.log(l)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, seg, c):
-    return _forward(q, k, v, seg, c)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, where, c, ordered):
+    return _forward(q, k, v, where, c, ordered)[0]
 
 
-def _attention_fwd(q, k, v, seg, c):
-    out, lse = _forward(q, k, v, seg, c)
-    return out, (q, k, v, seg, out, lse)
+def _attention_fwd(q, k, v, where, c, ordered):
+    out, lse = _forward(q, k, v, where, c, ordered)
+    return out, (q, k, v, where, out, lse)
 
 
-def _attention_bwd(c, res, d_out):
-    q, k, v, seg, out, lse = res
+def _attention_bwd(c, ordered, res, d_out):
+    q, k, v, where, out, lse = res
     b, t, g, r, d = q.shape
     scale = d**-0.5
     do = d_out.astype(jnp.float32)
@@ -99,7 +118,7 @@ def _attention_bwd(c, res, d_out):
 
     def pair(carry, ij):
         i, j = ij
-        allowed = _mask(seg, i, j, c)
+        allowed = _mask(where, i, j, c)
 
         def update(carry):
             dq, dk, dv = carry
@@ -122,11 +141,17 @@ def _attention_bwd(c, res, d_out):
         return jax.lax.cond(allowed.any(), update, lambda carry: carry, carry), None
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    (dq, dk, dv), _ = jax.lax.scan(pair, (zeros(q), zeros(k), zeros(v)), _pairs(t // c))
+    (dq, dk, dv), _ = jax.lax.scan(pair, (zeros(q), zeros(k), zeros(v)), _block_pairs(q, k, c, ordered))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+PAD_SEGMENT = jnp.iinfo(jnp.int32).min  # padding's own segment: it sees only padding
+
+
+def _padded(x, pad, value=0):
+    return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
 
 
 def block_causal_attention(q, k, v, segment_ids=None, block: int = 512):
@@ -134,12 +159,32 @@ def block_causal_attention(q, k, v, segment_ids=None, block: int = 512):
     each segment (document). A length that is not a multiple of `block` is padded with
     queries and keys of a segment of their own, cut off after."""
     b, t, h, d = q.shape
-    g = k.shape[2]
-    c = min(block, t)
-    n = -(-t // c)
-    pad = n * c - t
-    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).min)  # padding sees only padding
-    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
-    out = _attention(widen(q).reshape(b, n * c, g, h // g, d), widen(k), widen(v), seg, c)
-    return out.reshape(b, n * c, h, d)[:, :t]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return block_attention(q, k, v, positions, positions, segment_ids, segment_ids, block=block, ordered=True)
+
+
+def block_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None, *, block: int = 512, ordered=False):
+    """Queries q [B, Tq, H, D] over keys and values [B, Tk, KV, D], a key seen by a query when
+    it is in the query's segment (document) at a position not after the query's. Queries and
+    keys may be in any order and of different lengths: context parallelism gives each device
+    a part of the queries against all the keys. `ordered` (queries and keys the same
+    sequence, positions ascending) visits only the block pairs on and below the diagonal;
+    otherwise every pair is looked at and the empty ones skipped."""
+    b, tq, h, d = q.shape
+    tk, g = k.shape[1], k.shape[2]
+    c = min(block, tq, tk)
+    pad_q, pad_k = -tq % c, -tk % c
+    seg = lambda s, t: jnp.zeros((b, t), jnp.int32) if s is None else s.astype(jnp.int32)  # noqa: E731
+    where = (
+        _padded(q_positions.astype(jnp.int32), pad_q),
+        _padded(k_positions.astype(jnp.int32), pad_k),
+        _padded(seg(q_segments, tq), pad_q, PAD_SEGMENT),
+        _padded(seg(k_segments, tk), pad_k, PAD_SEGMENT),
+    )
+    # Tied to the queries: the masks depend only on positions and segments, which are the same in
+    # every layer, and JAX's partial evaluation of scanned layers would otherwise compute every
+    # block pair's mask once, before the loop, and keep them all ([pairs, ..., c, c]: 32 GiB
+    # per chip for the 7B model at 32K).
+    q, where = jax.lax.optimization_barrier((q, where))
+    out = _attention(_padded(q, pad_q).reshape(b, tq + pad_q, g, h // g, d), _padded(k, pad_k), _padded(v, pad_k), where, c, ordered)
+    return out.reshape(b, tq + pad_q, h, d)[:, :tq]

@@ -11,10 +11,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from xgen.config import ExecutionConfig, ModelConfig, RopeScalingConfig
 from xgen.model.attention import cached_attention, causal_attention
+from xgen.model.context_parallel import context_shards, gathered_attention, zigzag_order
 from xgen.model.layers import Constrain, Linear, RMSNorm, logical_param, no_constraint
 from xgen.model.rope import apply_rope, rope_angles
 from xgen.model.scan import layer_of, scan_blocks, stack_blocks
@@ -85,7 +87,12 @@ class Attention(nnx.Module):
         q = self.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = self.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         q, k, v = q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
-        if cache is None:
+        context_axes, shards = context_shards(self.constrain)
+        if cache is None and context_axes and t % shards == 0:
+            out = gathered_attention(
+                q, k, v, positions, segment_ids, constrain=self.constrain, axes=context_axes, kernel=self.kernel, block=self.chunk
+            )
+        elif cache is None:
             out = causal_attention(
                 q, k, v, segment_ids=segment_ids, kernel=self.kernel, chunk=self.chunk, constrain=self.constrain
             )
@@ -210,7 +217,21 @@ class XGenModel(nnx.Module):
         """The final normed hidden states [batch, length, d_model], before the output head."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        _, shards = context_shards(self.constrain)
+        # Context parallelism: each device gets an equal share of the causal work (training
+        # lengths always split so; other lengths run in order, placed by XLA).
+        balanced = shards > 1 and tokens.shape[1] % (2 * shards) == 0
+        if balanced:
+            order = zigzag_order(tokens.shape[1], shards)
+            tokens, positions = tokens[:, order], positions[:, order]
+            segment_ids = None if segment_ids is None else segment_ids[:, order]
         x = self.embed(tokens)
+        x = self._blocks(x, positions, segment_ids)
+        if balanced:
+            x = self.constrain(x[:, np.argsort(order)], ("batch", "length", "embed"))
+        return self.norm(x)
+
+    def _blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         if self.scanned:
             remat = self.remat != "none"
             policy = REMAT_POLICIES[self.remat] if remat else None
@@ -218,7 +239,7 @@ class XGenModel(nnx.Module):
         else:
             for layer in self.layers:
                 x = self.run_block(layer, x, positions, segment_ids)
-        return self.norm(x)
+        return x
 
     def blocks(self) -> list[Block]:
         """The blocks in order, as ordinary modules (layer i of the stack when scanned)."""

@@ -20,12 +20,12 @@ from xgen.config import ConfigError, HardwareConfig
 from xgen.config.validate import mesh_shape
 from xgen.model.layers import Constrain
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
 
 def make_mesh(hw: HardwareConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the first `hardware.num_devices` devices (of `devices`,
+    """A (data, fsdp, context, tensor) mesh over the first `hardware.num_devices` devices (of `devices`,
     e.g. a TPU topology description's for ahead-of-time compilation; default: this host's)."""
     sizes = mesh_shape(hw)
     if devices is None:
@@ -42,7 +42,16 @@ def make_mesh(hw: HardwareConfig, devices: Sequence[Any] | None = None) -> Mesh:
             f"{devices[0].platform} device(s)"
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[: hw.num_devices])
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices[: hw.num_devices])
+    except NotImplementedError:
+        # An axis that is no product of whole physical axes (fsdp 128 x context 4 on a v4's
+        # 8x8x8 torus) takes part of one: JAX's device order, with a physical axis split.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices[: hw.num_devices], allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def topology_devices(hw: HardwareConfig) -> list[Any]:
@@ -95,6 +104,12 @@ class LogicalConstraint:
         if self.mesh.size == 1:
             return x
         return nn.with_logical_constraint(x, names, rules=self.rules, mesh=self.mesh)
+
+    def mesh_axes(self, name: str) -> list[tuple[str, int]]:
+        """The mesh axes the logical axis `name` splits over, with their sizes."""
+        axes = nn.logical_to_mesh_axes((name,), self.rules)[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return [(a, self.mesh.shape[a]) for a in axes]
 
     @property
     def platform(self) -> str:

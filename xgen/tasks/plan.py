@@ -29,7 +29,8 @@ def _advice(plan: dict, cfg: XGenConfig) -> str:
     tips = []
     if cfg.execution.remat == "none":
         tips.append("execution.remat=full")
-    if cfg.hardware.platform == "tpu" and cfg.execution.attention != "splash":
+    context_parallel = cfg.hardware.mesh.context > 1  # splash does not run on gathered keys
+    if cfg.hardware.platform == "tpu" and cfg.execution.attention != "splash" and not context_parallel:
         tips.append("execution.attention=splash")
     elif cfg.execution.attention in ("dense", "xla"):
         tips.append("execution.attention=block_causal")
