@@ -113,11 +113,14 @@ def test_too_long_prompts_are_refused_with_the_numbers(engine):
         engine.generate([[1] * 250], SamplingConfig(max_new_tokens=10))
 
 
-@pytest.mark.parametrize("mesh", [(1, 4, 2), (2, 2, 2)], ids=["fsdp4xtensor2", "data2xfsdp2xtensor2"])
+@pytest.mark.parametrize(
+    "mesh", [(1, 4, 1, 2), (2, 2, 1, 2), (1, 2, 4, 1)], ids=["fsdp4xtensor2", "data2xfsdp2xtensor2", "fsdp2xcontext4"]
+)
 def test_sharded_generation_and_scores_equal_one_devices(model, engine, mesh):
-    data, fsdp, tensor = mesh
+    data, fsdp, context, tensor = mesh
     hw = compose_config(
-        "hardware=cpu_8", f"hardware.mesh.data={data}", f"hardware.mesh.fsdp={fsdp}", f"hardware.mesh.tensor={tensor}"
+        "hardware=cpu_8", f"hardware.mesh.data={data}", f"hardware.mesh.fsdp={fsdp}", f"hardware.mesh.tensor={tensor}",
+        f"hardware.mesh.context={context}",
     ).hardware
     runtime = Runtime.build(CFG, ExecutionConfig(), hw)
     params = nnx.state(model, nnx.Param)
@@ -133,9 +136,11 @@ def test_sharded_generation_and_scores_equal_one_devices(model, engine, mesh):
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
         assert [list(t) for t in a.top_logprobs] == [list(t) for t in b.top_logprobs]
-    # The caches were sharded by the rules: rows over data x fsdp, key/value heads over tensor.
+    # The caches were sharded by the rules: rows over data x fsdp, key/value heads over tensor,
+    # slots (the length) over context.
     k, _ = ours.runtime.kv_caches(ours.row_multiple, 128)[0]
-    assert k.sharding.shard_shape(k.shape) == (ours.row_multiple // (data * fsdp), CFG.n_kv_heads // tensor, 16, 128)
+    shard = (ours.row_multiple // (data * fsdp), CFG.n_kv_heads // tensor, 16, 128 // context)
+    assert k.sharding.shard_shape(k.shape) == shard
     sequences = [TOK.encode(p + " and more") for p in PROMPTS]
     for a, b in zip(ours.score(sequences, top_logprobs=1), engine.score(sequences, top_logprobs=1)):
         np.testing.assert_allclose(a.token_logprobs[1:], b.token_logprobs[1:], atol=1e-4)
