@@ -5,9 +5,15 @@ longer-context stages actually use the longer context (their curves keep falling
 
 Each document's first `min_tokens` tokens are scored in one forward pass; the negative
 log-likelihood at position p (the token with p tokens before it, p = 1 .. min_tokens-1) is
-averaged over documents and perplexity = exp(mean NLL). Results: the per-position curve of
-every checkpoint, perplexity over log-scale position buckets ([1,2), [2,4), ... up to
-min_tokens) as a Markdown table, and `ppl_by_position.png` (log-scale positions).
+averaged over documents and perplexity = exp(mean NLL). The Engine computes the output head
+over 1,024 positions at a time, so a document's [length, vocab] logits never exist at once;
+past 8K use a memory-saving attention kernel too (`execution.attention=block_causal`): at
+32K the dense kernel's scores are 16 GiB per layer for a 4-head model. A tiny model scores
+a 32K document in 0.83 GiB peak RSS (docs/long-context.md).
+
+Results: the per-position curve of every checkpoint, perplexity over log-scale position
+buckets ([1,2), [2,4), ... up to min_tokens) as a Markdown table, and `ppl_by_position.png`
+(log-scale positions).
 """
 
 from __future__ import annotations
@@ -195,7 +201,10 @@ def load_checkpoint_engine(cfg, checkpoint: str, min_tokens: int):
     generate = dataclasses.replace(cfg.generate, max_len=max(cfg.generate.max_len or 0, min_tokens))
     engine = load_engine(dataclasses.replace(cfg, checkpoint=checkpoint, generate=generate))
     if engine.max_len < min_tokens:
-        raise ConfigError(f"checkpoint={checkpoint}: the model holds {engine.max_len} positions, fewer than eval.min_tokens={min_tokens}")
+        raise ConfigError(
+            f"checkpoint={checkpoint}: the model holds {engine.max_len} positions (model.max_positions, plain RoPE), "
+            f"fewer than eval.min_tokens={min_tokens}"
+        )
     return engine
 
 

@@ -6,6 +6,13 @@ each row's numbers those of an unpadded run. Buffers are sized once per call (pr
 new tokens, rounded up), so each decoding step costs the same wherever it is in the text
 apart from attention over the slots. The host loop between steps checks end-of-text and
 stop strings and streams text; everything else runs on the device.
+
+Long inputs: scoring computes the output head over `SCORE_CHUNK` positions at a time, so a
+32K-token document never holds [length, vocab] float32 logits (6.7 GB for XGen's head). A
+prompt is prefilled in one pass, whose attention scores are [rows, heads, prompt, slots];
+under a memory-saving kernel (`execution.attention` chunked, block_causal or splash) a
+prompt longer than `execution.attention_chunk` is prefilled that many tokens at a time
+against the cache instead, each piece's scores [rows, heads, chunk, slots].
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xgen.config import SamplingConfig
+from xgen.config import RopeType, SamplingConfig
 from xgen.generate.sampling import N_TOP_LOGPROBS, next_tokens
 from xgen.generate.stops import StopMatcher
 from xgen.model.transformer import KVCache, XGenModel, write_cache
@@ -28,6 +35,9 @@ from xgen.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 16  # prompts pad to a multiple of this (fewer compilations)
 SLOT_BUCKET = 128  # cache lengths round up to a multiple of this
+SCORE_CHUNK = 1024  # positions whose logits `score` holds at once ([rows, chunk, vocab] float32)
+# Kernels chosen to save memory: with them a long prompt is prefilled in pieces.
+CHUNKED_PREFILL_KERNELS = ("chunked", "block_causal", "splash")
 
 
 @dataclass
@@ -133,20 +143,28 @@ class Engine:
 
     def __init__(
         self, runtime: Runtime, params: nnx.State, tokenizer: Tokenizer, *, max_len: int | None = None,
-        score_all_rows: bool = False,
+        score_all_rows: bool = False, score_chunk: int = SCORE_CHUNK,
     ):  # fmt: skip
         """`params` placed as `runtime.abstract_params` says (sharded on its mesh, or not).
 
         Sampling never draws an id the tokenizer cannot decode (the output head's padding
         rows). Scores are normalized over the same ids, unless `score_all_rows`: then over
         every row of the head, as lm-evaluation-harness's `hf` backend and the training loss
-        compute them (evaluation's default, so its log-likelihoods are the reference's)."""
+        compute them (evaluation's default, so its log-likelihoods are the reference's).
+
+        `max_len` is capped at the model's `max_positions` under plain RoPE; a model with a
+        RoPE scaling rule may be run past it (measuring the rule there is the point)."""
         model_cfg = runtime.model
         self.score_all_rows = score_all_rows
+        self.score_chunk = score_chunk
         self.runtime = runtime
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
-        self.max_len = min(max_len or model_cfg.max_positions, model_cfg.max_positions)
+        positions = model_cfg.max_positions
+        scaled = model_cfg.rope_scaling.type != RopeType.default
+        self.max_len = (max_len or positions) if scaled else min(max_len or positions, positions)
+        execution = runtime.execution
+        self.prefill_chunk = execution.attention_chunk if execution.attention in CHUNKED_PREFILL_KERNELS else None
         self.graphdef = runtime.graphdef
         self.params = params
         self.vocab_limit = min(tokenizer.n_tokens, model_cfg.vocab_size)
@@ -199,10 +217,27 @@ class Engine:
     def _score_fn(self, params, tokens, top: int):
         """Each next token's log-prob, the argmax (greedy) token, and with `top` > 0 the `top`
         best alternatives (a top-k over the vocabulary at every position costs more than
-        the argmax: only requests that ask for alternatives pay for it)."""
+        the argmax: only requests that ask for alternatives pay for it). Over `score_chunk`
+        positions at a time: the same numbers without [rows, length, vocab] logits."""
         model = self._model(params)
-        logprobs = self._score_logprobs(model, model.hidden(tokens)[:, :-1])
-        chosen = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+        hidden, targets = model.hidden(tokens)[:, :-1], tokens[:, 1:]
+        b, t, _ = hidden.shape
+        c = self.score_chunk
+        if t <= c:
+            return self._score_positions(model, hidden, targets, top)
+        n = -(-t // c)
+
+        def pieces(x):  # [b, t, ...] -> [n, b, c, ...], the last piece padded
+            x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+            return x.reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)
+
+        out = jax.lax.map(lambda hy: self._score_positions(model, *hy, top), (pieces(hidden), pieces(targets)))
+        return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])[:, :t], out)
+
+    def _score_positions(self, model: XGenModel, hidden: jax.Array, targets: jax.Array, top: int):
+        """(log-prob of each target, argmax, top ids, top log-probs) at the states `hidden`."""
+        logprobs = self._score_logprobs(model, hidden)
+        chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
         greedy = jnp.argmax(logprobs, axis=-1)
         top_lp, top_ids = jax.lax.top_k(logprobs, top) if top else (None, None)
         return chosen, greedy, top_ids, top_lp
@@ -235,6 +270,15 @@ class Engine:
         )  # fmt: skip
         caches = self.runtime.kv_cache_shapes(rows, slots)
         return self._decode.lower(self.params, i32(rows, 1), i32(rows, 1), i32(rows), caches, sampling, i32()).compile()
+
+    def _prefill_pieces(self, p_len: int) -> list[tuple[int, int]]:
+        """[start, end) slots of each prefill call: the whole prompt, or under a memory-saving
+        kernel pieces of `prefill_chunk` tokens, the first one shorter (two compiled shapes)."""
+        c = self.prefill_chunk
+        if c is None or p_len <= c:
+            return [(0, p_len)]
+        first = p_len - (-(-p_len // c) - 1) * c
+        return [(0, first)] + [(s, s + c) for s in range(first, p_len, c)]
 
     def _pad_rows(self, rows: list) -> list:
         """`rows` repeated at the end up to a multiple of the batch shards (results dropped)."""
@@ -283,10 +327,11 @@ class Engine:
         rows = [RowText(self.tokenizer, s.stop) for s in settings]
         done = np.zeros(b, bool)
         caches = self.runtime.kv_caches(b, slots)
-        (ids, lp, top_ids, top_lp), new_kv = self._prefill(
-            self.params, tokens, positions, pad_start, caches, sampling(0), np.int32(0)
-        )
-        caches = self._write(caches, new_kv, np.int32(0))
+        for start, end in self._prefill_pieces(p_len):  # the last piece's sample is the first token
+            (ids, lp, top_ids, top_lp), new_kv = self._prefill(
+                self.params, tokens[:, start:end], positions[:, start:end], pad_start, caches, sampling(0), np.int32(start)
+            )
+            caches = self._write(caches, new_kv, np.int32(start))
         for step in range(max_new):
             ids_h, lp_h, top_ids_h, top_lp_h = jax.device_get((ids, lp, top_ids, top_lp))
             for r in range(b):

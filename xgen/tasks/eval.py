@@ -23,6 +23,7 @@ BENCHMARKS = {
     "zeroshot": "xgen.eval.zeroshot",
     "humaneval": "xgen.eval.humaneval",
     "ppl_by_position": "xgen.eval.ppl_by_position",
+    "passkey": "xgen.eval.passkey",
     "summarization": "xgen.eval.summarization",
     "longform_qa": "xgen.eval.judged",
     "mt_bench": "xgen.eval.judged",

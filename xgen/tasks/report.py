@@ -43,6 +43,7 @@ def heading(result: dict) -> tuple[float, str]:
         "zeroshot": (6, "Table 6: zero-shot common-sense tasks"),
         "humaneval": (7, "Table 7: HumanEval"),
         "ppl_by_position": (7.5, "Figure 2: perplexity by token position"),
+        "passkey": (7.6, "Passkey retrieval by prompt length and depth"),
         "alpaca_eval": (8, "Table 8: AlpacaEval"),
         "mt_bench": (9, "Tables 9 and 10: MT-Bench"),
         "longform_qa": (11, "Tables 11 and 12: long-form QA"),
