@@ -87,3 +87,17 @@ def test_the_7b_generate_step_compiles_for_a_tpu_v4_8_and_reports_its_per_chip_m
     params_per_chip = 6_895_702_016 * 4 / 8
     caches_per_chip = 8 * 32 * 2 * 4096 * 8192 * 2 / 8  # rows x layers x (k, v) x kv width x slots x bf16
     assert params_per_chip + caches_per_chip <= g["hbm_per_chip_bytes"] < 32 * 2**30
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_a_context_parallel_step_compiles_for_a_tpu_v4_slice(tmp_path):
+    """Sequences split over 4 chips (gathered keys under shard_map, zigzag order) with scanned,
+    rematerialized layers: libtpu compiles it for a v4-8 and it fits."""
+    plan = plan_cli(
+        tmp_path, "model=tiny", "stage=s1_2k", "stage.seq_len=8192", "stage.batch_tokens=16384", "hardware=tpu_v4_8",
+        "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "execution=memory_saving", "execution.attention=block_causal",
+        "execution.attention_chunk=512", "execution.scan_layers=true", "plan.generate=false",
+    )  # fmt: skip
+    assert plan["method"] == "compiled for v4:2x2x2 (TPU v4) by XLA" and plan["fits"]
+    assert 0 < plan["hbm_per_chip_bytes"] < 2 * 2**30
