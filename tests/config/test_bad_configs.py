@@ -70,7 +70,8 @@ BAD = [
     (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
       "stage.seq_len=36", "stage.batch_tokens=288"], "stage.seq_len=36 does not split into 2 x hardware.mesh.context=4"),
     (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
-      "execution.attention=splash"], "execution.attention=splash does not run with hardware.mesh.context=4"),
+      "execution.attention=splash", "stage.seq_len=1152", "stage.batch_tokens=2304"],
+     "stage.seq_len=1152 gives 288 queries per device over hardware.mesh.context=4, not a multiple of splash's 384-token"),
     (["hardware.mesh.context=0"], "hardware.mesh: sizes must be positive or -1"),
 ]
 

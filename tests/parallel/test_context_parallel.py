@@ -19,17 +19,17 @@ CONTEXT = ("hardware=cpu_8", "hardware.mesh.data=1", "hardware.mesh.fsdp=2", "ha
 ROWS, LENGTH = 2, 64  # 64 tokens: 8 chunks of 8, two per device
 
 
-def batch(document_masking: bool) -> dict[str, np.ndarray]:
+def batch(document_masking: bool, length: int = LENGTH) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 50_000, size=(ROWS, LENGTH + 1)).astype(np.int32)
+    tokens = rng.integers(0, 50_000, size=(ROWS, length + 1)).astype(np.int32)
     out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     if document_masking:  # packed documents, boundaries at uneven places (one crosses devices)
-        starts = np.zeros((ROWS, LENGTH), np.int32)
-        starts[0, [5, 19, 40]] = 1
-        starts[1, [33]] = 1
+        starts = np.zeros((ROWS, length), np.int32)
+        starts[0, [length * f // 64 for f in (5, 19, 40)]] = 1
+        starts[1, [length * 33 // 64]] = 1
         seg = np.cumsum(starts, axis=1).astype(np.int32)
-        first = np.maximum.accumulate(np.where(starts == 1, np.arange(LENGTH), 0), axis=1)
-        out |= {"segment_ids": seg, "positions": (np.arange(LENGTH) - first).astype(np.int32)}
+        first = np.maximum.accumulate(np.where(starts == 1, np.arange(length), 0), axis=1)
+        out |= {"segment_ids": seg, "positions": (np.arange(length) - first).astype(np.int32)}
     return out
 
 
@@ -67,6 +67,23 @@ def test_context_4_by_fsdp_2_equals_one_device(kernel, document_masking):
     if document_masking:
         unmasked = {k: v for k, v in data.items() if k in ("inputs", "targets")}
         assert abs(float(run(split, params, unmasked)[1]) - float(got_loss)) > 1e-4
+
+
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_splash_under_context_parallelism_equals_one_device(document_masking):
+    """Pallas splash (interpret mode on the CPU): each device runs the kernel of the whole
+    512-token sequence on its own rows of the mask tables (queries in zigzag order, 128 per
+    device), against the gathered keys put back in order."""
+    cfg = compose_config(*CONTEXT, "execution.attention=splash", "execution.attention_chunk=128")
+    one = Runtime.local(cfg.model)  # dense, in order
+    params = jax.device_get(one.init_params(jax.random.key(0)))
+    data = batch(document_masking, length=512)
+    want_logits, want_loss, want_grads = run(one, params, data)
+    got_logits, got_loss, got_grads = run(Runtime.of(cfg), params, data)
+    np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_the_split_keeps_activations_on_their_part_of_the_sequence():

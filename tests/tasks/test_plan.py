@@ -93,11 +93,11 @@ def test_the_7b_generate_step_compiles_for_a_tpu_v4_8_and_reports_its_per_chip_m
 @needs_libtpu
 def test_a_context_parallel_step_compiles_for_a_tpu_v4_slice(tmp_path):
     """Sequences split over 4 chips (gathered keys under shard_map, zigzag order) with scanned,
-    rematerialized layers: libtpu compiles it for a v4-8 and it fits."""
+    rematerialized layers and splash on each chip's rows of the mask tables: libtpu compiles
+    the Pallas kernels for a v4-8 and the step fits."""
     plan = plan_cli(
         tmp_path, "model=tiny", "stage=s1_2k", "stage.seq_len=8192", "stage.batch_tokens=16384", "hardware=tpu_v4_8",
-        "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "execution=memory_saving", "execution.attention=block_causal",
-        "execution.attention_chunk=512", "execution.scan_layers=true", "plan.generate=false",
+        "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "execution=tpu_splash", "plan.generate=false",
     )  # fmt: skip
-    assert plan["method"] == "compiled for v4:2x2x2 (TPU v4) by XLA" and plan["fits"]
+    assert plan["method"].startswith("compiled for v4:2x2x2 (TPU v4) by XLA (splash") and plan["fits"]
     assert 0 < plan["hbm_per_chip_bytes"] < 2 * 2**30

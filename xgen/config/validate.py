@@ -176,15 +176,23 @@ def validate(cfg: XGenConfig) -> None:
             raise ConfigError(message)
     sizes = mesh_shape(hw)  # raises on a mesh that cannot cover the devices
     if sizes["context"] > 1:
-        if cfg.execution.attention in ("splash", "cudnn"):
+        context = sizes["context"]
+        if cfg.execution.attention == "cudnn":
             raise ConfigError(
-                f"execution.attention={cfg.execution.attention} does not run with hardware.mesh.context={sizes['context']} "
+                f"execution.attention=cudnn does not run with hardware.mesh.context={context} "
                 "(context parallelism gathers keys per device); use block_causal"
             )
-        if cfg.task.name in TRAINING_TASKS and s.seq_len % (2 * sizes["context"]):
+        if cfg.task.name in TRAINING_TASKS and s.seq_len % (2 * context):
             raise ConfigError(
-                f"stage.seq_len={s.seq_len} does not split into 2 x hardware.mesh.context={sizes['context']} equal chunks "
+                f"stage.seq_len={s.seq_len} does not split into 2 x hardware.mesh.context={context} equal chunks "
                 "(context parallelism balances the causal work by giving each device two of them)"
+            )
+        local, lane = s.seq_len // context, 128  # splash tiles queries in multiples of 128 (xgen/model/splash.py)
+        block = max(lane, min(cfg.execution.attention_chunk, -(-local // lane) * lane) // lane * lane)
+        if cfg.task.name in TRAINING_TASKS and cfg.execution.attention == "splash" and local % block:
+            raise ConfigError(
+                f"stage.seq_len={s.seq_len} gives {local} queries per device over hardware.mesh.context={context}, "
+                f"not a multiple of splash's {block}-token block (execution.attention_chunk={cfg.execution.attention_chunk})"
             )
     if cfg.task.name in TRAINING_TASKS:
         batch, accum, shards = s.batch_tokens // s.seq_len, t.grad_accum_steps, sizes["data"] * sizes["fsdp"]

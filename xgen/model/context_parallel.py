@@ -30,7 +30,8 @@ import numpy as np
 
 from xgen.model.attention import masked_attention
 from xgen.model.block_causal import block_attention
-from xgen.model.layers import Constrain, run_local
+from xgen.model.layers import Constrain, kernel_platform, run_local
+from xgen.model.splash import splash_attention_ordered
 
 Q_AXES = ("batch", "length", "heads", "head_dim")
 KV_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -45,6 +46,12 @@ def context_shards(constrain: Constrain) -> tuple[tuple[str, ...], int]:
         return (), 1
     axes = tuple(a for a, size in axes_of("length") if size > 1)
     return axes, math.prod(size for _, size in axes_of("length"))
+
+
+def sequence_order(length: int, shards: int) -> np.ndarray:
+    """The order the model holds a sequence in under context parallelism: balanced (zigzag)
+    where the length splits into 2 x shards chunks, else as it is."""
+    return zigzag_order(length, shards) if length % (2 * shards) == 0 else np.arange(length)
 
 
 def zigzag_order(length: int, shards: int) -> np.ndarray:
@@ -65,18 +72,28 @@ def gathered_attention(
     *,
     constrain: Constrain,
     axes: tuple[str, ...],
+    parts: int,
     kernel: str,
     block: int,
 ) -> jax.Array:
-    """Attention of q [B, T, H, D] over k, v [B, T, KV, D] with T split over `axes`: each
-    device's queries against every key, gathered. `dense` masks a [local, T] score matrix;
-    every other kernel visits [block x block] tiles, skipping those no query sees."""
+    """Attention of q [B, T, H, D] over k, v [B, T, KV, D] with T split into `parts` over
+    `axes` (held in `sequence_order`): each device's queries against every key, gathered. `dense` masks a
+    [local, T] score matrix; `splash` runs the TPU kernel of the whole sequence on this
+    device's rows of its mask tables, over the keys put back in order; every other kernel
+    visits [block x block] tiles, skipping those no query sees."""
     b, t = positions.shape
     segments = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    order = sequence_order(t, parts)
 
     def local(q_, k_, v_, pos_, seg_):
         gather = lambda x: jax.lax.all_gather(x, axes, axis=1, tiled=True)  # noqa: E731
         k_all, v_all, pos_all, seg_all = gather(k_), gather(v_), gather(pos_), gather(seg_)
+        if kernel == "splash":
+            in_order = np.argsort(order)
+            return splash_attention_ordered(
+                q_, k_all[:, in_order], v_all[:, in_order], seg_, seg_all[:, in_order], order=order,
+                part=jax.lax.axis_index(axes), parts=parts, block=block, interpret=kernel_platform(constrain) != "tpu",
+            )  # fmt: skip
         if kernel == "dense":
             allowed = (pos_[:, :, None] >= pos_all[:, None, :]) & (seg_[:, :, None] == seg_all[:, None, :])
             return masked_attention(q_, k_all, v_all, allowed)

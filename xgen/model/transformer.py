@@ -16,7 +16,7 @@ from flax import nnx, struct
 
 from xgen.config import ExecutionConfig, ModelConfig, RopeScalingConfig
 from xgen.model.attention import cached_attention, causal_attention
-from xgen.model.context_parallel import context_shards, gathered_attention, zigzag_order
+from xgen.model.context_parallel import context_shards, gathered_attention, sequence_order
 from xgen.model.layers import Constrain, Linear, RMSNorm, logical_param, no_constraint
 from xgen.model.rope import apply_rope, rope_angles
 from xgen.model.scan import layer_of, scan_blocks, stack_blocks
@@ -90,7 +90,8 @@ class Attention(nnx.Module):
         context_axes, shards = context_shards(self.constrain)
         if cache is None and context_axes and t % shards == 0:
             out = gathered_attention(
-                q, k, v, positions, segment_ids, constrain=self.constrain, axes=context_axes, kernel=self.kernel, block=self.chunk
+                q, k, v, positions, segment_ids, constrain=self.constrain, axes=context_axes, parts=shards, kernel=self.kernel,
+                block=self.chunk,
             )
         elif cache is None:
             out = causal_attention(
@@ -222,7 +223,7 @@ class XGenModel(nnx.Module):
         # lengths always split so; other lengths run in order, placed by XLA).
         balanced = shards > 1 and tokens.shape[1] % (2 * shards) == 0
         if balanced:
-            order = zigzag_order(tokens.shape[1], shards)
+            order = sequence_order(tokens.shape[1], shards)
             tokens, positions = tokens[:, order], positions[:, order]
             segment_ids = None if segment_ids is None else segment_ids[:, order]
         x = self.embed(tokens)

@@ -29,8 +29,7 @@ def _advice(plan: dict, cfg: XGenConfig) -> str:
     tips = []
     if cfg.execution.remat == "none":
         tips.append("execution.remat=full")
-    context_parallel = cfg.hardware.mesh.context > 1  # splash does not run on gathered keys
-    if cfg.hardware.platform == "tpu" and cfg.execution.attention != "splash" and not context_parallel:
+    if cfg.hardware.platform == "tpu" and cfg.execution.attention != "splash":
         tips.append("execution.attention=splash")
     elif cfg.execution.attention in ("dense", "xla"):
         tips.append("execution.attention=block_causal")
