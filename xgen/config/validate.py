@@ -177,6 +177,12 @@ def validate(cfg: XGenConfig) -> None:
     sizes = mesh_shape(hw)  # raises on a mesh that cannot cover the devices
     if sizes["context"] > 1:
         context = sizes["context"]
+        length_axes = [axes for name, axes in hw.logical_axis_rules if name == "length"]
+        if not any("context" in ([axes] if isinstance(axes, str) else list(axes or [])) for axes in length_axes):
+            raise ConfigError(
+                f"hardware.mesh.context={context} but hardware.logical_axis_rules maps `length` to {length_axes or 'nothing'}: "
+                "every device of the context axis would compute the same thing; add [length, context]"
+            )
         if cfg.execution.attention == "cudnn":
             raise ConfigError(
                 f"execution.attention=cudnn does not run with hardware.mesh.context={context} "
