@@ -15,9 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from xgen import provenance
 from xgen.config import ConfigError, register_configs, to_object
 from xgen.config.validate import validate
+from xgen.objective import objective
 from xgen.tasks import LOCAL_TASKS, run_task
+from xgen.xla_logs import quiet_cpu_compiler
 
 register_configs()
 
@@ -145,18 +148,29 @@ def _start_distributed(cfg) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=_CONFIG_PATH, config_name="config")
-def _hydra_entry(cfg: DictConfig) -> None:
+def _hydra_entry(cfg: DictConfig) -> float | None:
+    """One job; returns the task's objective (xgen/objective.py), which a sweeper optimizes."""
     try:
         _cpu_only_backend(cfg)
+        hw = cfg.hardware
+        quiet_cpu_compiler(str(hw.get("platform")), bool(hw.get("distributed") or hw.get("coordinator_address")))
         _set_host_devices(cfg)
         typed = to_object(cfg)
         validate(typed)
         _start_distributed(typed)
-        run_task(typed, Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        # Here, after XLA_FLAGS and the multi-host start: recording the devices starts JAX
+        # (only for tasks that run on them: task=diff or task=carbon never start it).
+        provenance.write(run_dir, uses_devices=typed.task.name not in LOCAL_TASKS, task=typed.task.name)
+        result = run_task(typed, run_dir)
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         # Exiting here, not in main(): Hydra would log a second line for a failed job.
         _exit_on_config_error(ex)
         raise
+    # A task's verdict as the exit code: task=diff's result has exit_code 1 when the configs differ (CI).
+    if getattr(result, "exit_code", 0):
+        sys.exit(result.exit_code)
+    return objective(typed.task.name, result)
 
 
 def _quiet_closed_loop(unraisable) -> None:

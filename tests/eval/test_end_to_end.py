@@ -5,6 +5,7 @@ training run) into one page in the report's order."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from tests.conftest import compose_config
 from tests.eval.fake_judge import FakeJudge
 from xgen.eval.fixtures.__main__ import main as write_fixtures
+from xgen.objective import objective
 from xgen.tasks import run_task
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +60,7 @@ def test_every_benchmark_runs_on_a_trained_tiny_model_and_the_report_gathers_the
             result = run_task(compose_config(*overrides), run_dir)
             assert result["benchmark"] == name and (run_dir / f"{name}.md").read_text().startswith("| ")
             assert json.loads((run_dir / f"{name}.json").read_text())["checkpoint"] == str(trained)
+            assert math.isfinite(objective("eval", result))  # its headline, what a sweep over it optimizes
         assert len(judge.bodies) > 0
     carbon = compose_config("task=carbon", f"run_dir={trained}", "carbon.chip_power_w=100", "carbon.pue=1.0")
     (outputs / "carbon").mkdir()

@@ -13,13 +13,11 @@ from xgen.eval.fixtures.__main__ import main as write_fixtures
 from xgen.model import transformer
 from xgen.tasks import run_task
 
-FAST = ("stage.seq_len=32", "stage.batch_tokens=128", "data_mix.sources.python_stdlib.max_documents=20")
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("dense_f32")
-    run_task(compose_config("trainer.steps=2", "execution=default", *FAST), run_dir)
+    run_task(compose_config("debug=fast", "trainer.steps=2", "execution=default"), run_dir)
     return run_dir
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from xgen.tasks.generate import COMPLETION_MARK
+
 REPO = Path(__file__).resolve().parents[2]
-FAST = ("stage.seq_len=32", "stage.batch_tokens=128", "data_mix.sources.python_stdlib.max_documents=20")
 
 
 def xgen_run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -22,19 +23,19 @@ def xgen_run(*args: str, stdin: str | None = None, timeout: int = 300) -> subpro
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained")
-    proc = xgen_run("trainer.steps=3", *FAST, f"hydra.run.dir={run_dir}")
+    proc = xgen_run("debug=fast", f"hydra.run.dir={run_dir}")  # 3 steps, one checkpoint
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
 
-def test_generate_prints_the_completion_and_records_it(trained, tmp_path):
+def test_generate_prints_the_prompt_marks_the_completion_and_records_it(trained, tmp_path):
     args = ("task=generate", f"checkpoint={trained}", "prompt='def main():'", "generate.max_new_tokens=6")
     proc = xgen_run(*args, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert record["prompt"] == "def main():" and len(record["completion_tokens"]) <= 6
     assert record["settings"]["max_new_tokens"] == 6 and record["settings"]["temperature"] == 0.0
-    assert record["completion"] in proc.stdout
+    assert f"def main():{COMPLETION_MARK}{record['completion']}\n" in proc.stdout
     # Greedy decoding is reproducible: the same command appends the same completion.
     again = xgen_run(*args, f"hydra.run.dir={tmp_path}")
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]

@@ -9,7 +9,6 @@ from tests.conftest import compose_config
 from xgen.tasks import run_task
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ("stage.seq_len=32", "stage.batch_tokens=128", "data_mix.sources.python_stdlib.max_documents=20")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -18,7 +17,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def test_five_step_cpu_run_writes_config_metrics_checkpoint_and_summary(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "xgen.run", "trainer.steps=5", "trainer.log_every=2", *FAST, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "xgen.run", "trainer.steps=5", "trainer.log_every=2", "debug=fast", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -53,7 +52,7 @@ def test_rerunning_in_the_same_run_dir_resumes_bit_identically(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir(), resumed.mkdir()
     # The same 6-step schedule in both; the resumed run stops after 3 steps, then is run again.
-    common = ("trainer.log_every=1", "optimizer.decay_steps=6", *FAST)
+    common = ("trainer.log_every=1", "optimizer.decay_steps=6", "debug=fast")
     run_task(compose_config("trainer.steps=6", *common), straight)
     run_task(compose_config("trainer.steps=3", *common), resumed)
     summary = run_task(compose_config("trainer.steps=6", *common), resumed)
@@ -68,12 +67,12 @@ def test_rerunning_in_the_same_run_dir_resumes_bit_identically(tmp_path):
 
 def test_tensorboard_event_files_are_written_when_asked(tmp_path):
     pytest.importorskip("tensorboardX")
-    run_task(compose_config("trainer.steps=2", "trainer.tensorboard=true", *FAST), tmp_path)
+    run_task(compose_config("trainer.steps=2", "trainer.tensorboard=true", "debug=fast"), tmp_path)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_training_with_document_masking_logs_epochs(tmp_path):
-    run_task(compose_config("trainer.steps=2", "data_mix.document_masking=true", *FAST), tmp_path)
+    run_task(compose_config("trainer.steps=2", "data_mix.document_masking=true", "debug=fast"), tmp_path)
     records = read_metrics(tmp_path)
     assert records[-1]["step"] == 2
     assert set(records[-1]["data_epochs"]) == {"python_docs", "python_stdlib"}

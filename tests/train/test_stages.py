@@ -115,5 +115,9 @@ def test_pretrain_all_can_continue_into_the_32k_stage_on_its_own_chunk():
     assert (s5.model.max_positions, s5.model.rope_scaling.type, s5.stage.init_from_stage) == (32768, "yarn", "s3_8k")
     assert s3.model.d_model == s5.model.d_model and s3.model.n_layers == s5.model.n_layers  # same weights continue
     assert "s5_32k" in compose_config("data_mix=stage1").data_mix.stage_split
+    # Stage 2's mixes include stage 1's and clear its split (null; `{}` would merge and keep
+    # it): every stage reads all of them, and s4_code_8k is not refused.
+    for mix in ("stage2_starcoder", "stage2_the_stack", "synthetic_stage2"):
+        assert compose_config(f"data_mix={mix}").data_mix.stage_split == {}, mix
     with pytest.raises(ConfigError, match=r"stage=s5_32k has no chunk in data_mix=stage1's stage_split \(s1_2k, s2_4k, s3_8k\)"):
         validate(compose_config("stage=s5_32k", "data_mix=stage1", "~data_mix.stage_split.s5_32k"))

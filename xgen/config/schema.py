@@ -257,14 +257,20 @@ class DataMixConfig:
     seed: int = 0
     # Stage name -> token budget: the data is shuffled once, then split into disjoint chunks
     # in these proportions, one per sub-stage (the report's 2K/4K/8K split). A stage not
-    # named here reads all of the data.
-    stage_split: dict[str, float] = field(default_factory=dict)
+    # named in a split is refused for pre-training (it would read the other stages' chunks);
+    # null: no split, every stage reads all of the data (a mix that includes a split mix,
+    # as stage 2's include stage 1's, clears it with null: `{}` would merge and keep it).
+    stage_split: Optional[dict[str, float]] = field(default_factory=dict)
     # Attention never crosses a document boundary (segment ids and positions per document).
     # Off by default, as the report: documents are concatenated and attend across EOT.
     document_masking: bool = False
     # Largest relative difference between a source's sampling weight (after empty parts and
     # grain's integer proportions) and its configured share before start-up fails.
     weight_tolerance: float = 0.02
+
+    def __post_init__(self):
+        if self.stage_split is None:  # null clears an included mix's split: no split
+            self.stage_split = {}
 
 
 @dataclass
@@ -579,6 +585,17 @@ class CarbonConfig:
 
 
 @dataclass
+class DiffConfig:
+    """`task=diff`: the two configs to compare, each a run directory, a snapshot (a name in
+    snapshots/ or a YAML path) or None, the config this command composes (home: `xgen.tasks.diff`)."""
+
+    a: Optional[str] = None
+    b: Optional[str] = None
+    # Print the differences as one JSON object instead of lines.
+    json: bool = False
+
+
+@dataclass
 class HFConfig:
     """Hugging Face export settings for `task=export_hf` (home: `xgen.hf`)."""
 
@@ -686,3 +703,4 @@ class XGenConfig:
     sft: Optional[SFTConfig] = None
     eval: Optional[EvalConfig] = None
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
+    diff: DiffConfig = field(default_factory=DiffConfig)

@@ -148,7 +148,8 @@ def validate(cfg: XGenConfig) -> None:
         ),
     ]
     split = cfg.data_mix.stage_split
-    if split and s.name not in split and cfg.task.name in ("pretrain", "pretrain_all"):
+    # task=pretrain_all validates each stage's own config (as task=pretrain), not its top-level stage.
+    if split and s.name not in split and cfg.task.name == "pretrain":
         checks.append((False, (
             f"stage={s.name} has no chunk in data_mix={cfg.data_mix.name}'s stage_split ({', '.join(split)}): it would "
             f"train on the other stages' documents; add data_mix.stage_split.{s.name}=<share> (the other chunks are "

@@ -24,12 +24,13 @@ TASKS = {
     "carbon": "xgen.tasks.carbon",
     "eval": "xgen.tasks.eval",
     "report": "xgen.tasks.report",
+    "diff": "xgen.tasks.diff",
 }
 
 
 # Tasks that never run on the hardware's devices, so they start no multi-host runtime
 # (task=plan compiles for a TPU pod from one machine).
-LOCAL_TASKS = frozenset({"prepare", "plan", "plot", "export_hf", "import_hf", "carbon", "report"})
+LOCAL_TASKS = frozenset({"prepare", "plan", "plot", "export_hf", "import_hf", "carbon", "report", "diff"})
 
 
 def run_task(cfg: XGenConfig, run_dir: Path) -> Any:

@@ -3,8 +3,10 @@
     python -m xgen.run task=generate checkpoint=outputs/pretrain/<time> "prompt='def fib(n):'" \
         generate.max_new_tokens=64 generate.temperature=0
 
-Prints the completion and appends a record (prompt, completion, its token ids, the sampler
-settings, the checkpoint) to `generations.jsonl` in the run directory."""
+Prints the prompt, a `»` where the model's text starts, then the completion (the prompt's
+length locates the mark, whatever the texts hold), and appends a record (prompt, completion,
+its token ids, the sampler settings, the checkpoint) to `generations.jsonl` in the run
+directory, the record to read from a program."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from pathlib import Path
 from xgen.config import ConfigError, XGenConfig
 from xgen.generate import settings_from_config
 from xgen.generate.load import load_engine
+
+# Between the prompt and the completion on stdout: in Latin-1 and the usual consoles' code pages.
+COMPLETION_MARK = "»"
 
 
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
@@ -38,6 +43,6 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     }
     with open(run_dir / "generations.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    print(completion.text, flush=True)
+    print(f"{cfg.prompt}{COMPLETION_MARK}{completion.text}", flush=True)
     sys.stdout.flush()
     return record

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from xgen.config import ConfigError, XGenConfig
+from xgen.config.changes import ABSENT, flatten, key_changes
 
 # Keys (prefixes) whose change changes what the run computes. Not here: cadence (log and
 # checkpoint intervals), the mesh and hardware (checkpoints restore onto any mesh), and
@@ -26,16 +27,6 @@ RUN_DEFINING = (
 )  # fmt: skip
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {"a.b.c": leaf}; lists stay leaves."""
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}."))
-    return out
-
-
 def _defining(key: str) -> bool:
     """A prefix ending in "." covers a section; any other entry is one exact key."""
     return any(key.startswith(p) if p.endswith(".") else key == p for p in RUN_DEFINING)
@@ -43,13 +34,11 @@ def _defining(key: str) -> bool:
 
 def run_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Run-defining keys whose values differ: key -> (checkpoint's, command's)."""
-    old, new = flatten(saved), flatten(json.loads(json.dumps(current)))
-    missing = object()
-    changes = {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if _defining(key) and a != b:
-            changes[key] = (None if a is missing else a, None if b is missing else b)
+    old = flatten(saved)
+    every = key_changes(saved, json.loads(json.dumps(current)))
+    changes = {
+        key: (None if a is ABSENT else a, None if b is ABSENT else b) for key, (a, b) in sorted(every.items()) if _defining(key)
+    }
     # More steps under a fixed decay length continue the same schedule: the run so far is the same.
     decay = "optimizer.decay_steps"
     if "trainer.steps" in changes and decay not in changes and old.get(decay) is not None:
