@@ -179,33 +179,19 @@ def test_scoring_in_chunks_of_positions_equals_one_pass(tiny_model, tiny_engine,
 
 
 # Runs `python -m xgen.run` in-process and prints the process's peak RSS after it.
-PEAK_RSS = """
-import resource, runpy, sys
-sys.argv = ["xgen.run", *sys.argv[1:]]
-try:
-    runpy.run_module("xgen.run", run_name="__main__")
-except SystemExit as e:
-    if e.code:
-        raise
-print("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
-
-
 def test_an_8k_document_is_scored_in_bounded_memory(tiny_checkpoint, tmp_path):
     """The documented long-document command (the output head over 1,024 positions at a time,
     block-causal attention) at 8,192 tokens: one pass would hold 2 x 1.7 GB of logits and
     log-probabilities and 2 x 1 GiB of dense attention scores (3.6 GiB peak, measured); 32K by
     hand: docs/long-context.md."""
-    import subprocess
-    import sys
+    from tests.peak_memory import run_measuring_peak
 
     write(tmp_path / "data")  # logbooks of 8.5K to 9.8K tokens
     args = ("task=eval", "eval=ppl_by_position", f"checkpoint={tiny_checkpoint}", f"data_dir={tmp_path / 'data'}",
             "eval.min_tokens=8192", "eval.limit=1", "eval.batch_size=1", "execution.attention=block_causal",
             "execution.attention_chunk=512", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, timeout=600)
+    proc, peak = run_measuring_peak(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    peak = int(proc.stdout.split("peak_rss_bytes")[-1])
     print(f"peak RSS scoring one 8,192-token document on tiny: {peak / 2**30:.2f} GiB")
     result = json.loads((tmp_path / "run" / "ppl_by_position.json").read_text())
     curve = next(iter(result["curves"].values()))
