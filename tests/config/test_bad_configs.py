@@ -74,6 +74,8 @@ BAD = [
      "stage.seq_len=1152 gives 288 queries per device over hardware.mesh.context=4, not a multiple of splash's 384-token"),
     (["hardware.mesh.context=0"], "hardware.mesh: sizes must be positive or -1"),
     (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
+      "execution.attention=splash", "execution.context_strategy=ring"], "execution.context_strategy=ring runs the tiled kernel"),
+    (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
       "hardware.logical_axis_rules=[[batch,[data,fsdp]],[embed,fsdp]]"],
      "hardware.mesh.context=4 but hardware.logical_axis_rules maps `length` to nothing"),
 ]

@@ -48,10 +48,13 @@ def run(runtime: Runtime, params, data):
     return jax.device_get(f(jax.device_put(params, runtime.shardings_of(runtime.param_shapes)), data))
 
 
-@pytest.mark.parametrize("kernel", ["dense", "block_causal"])
+@pytest.mark.parametrize("kernel", ["dense", "block_causal", "ring"])
 @pytest.mark.parametrize("document_masking", [False, True])
 def test_context_4_by_fsdp_2_equals_one_device(kernel, document_masking):
-    cfg = compose_config(*CONTEXT, f"execution.attention={kernel}", "execution.attention_chunk=4")
+    """`ring`: block_causal tiles with the keys passed around the context axis, not gathered."""
+    strategy = ("execution.attention=block_causal", "execution.context_strategy=ring") if kernel == "ring" else (
+        f"execution.attention={kernel}",)  # fmt: skip
+    cfg = compose_config(*CONTEXT, *strategy, "execution.attention_chunk=4")
     split = Runtime.of(cfg)
     assert context_shards(split.constrain) == (("context",), 4)
     one = Runtime.local(cfg.model, cfg.execution)
@@ -138,7 +141,8 @@ def test_the_tiled_kernel_agrees_with_dense_for_keys_in_any_order():
         np.testing.assert_allclose(g, w, atol=2e-5)
 
 
-def test_scanned_layers_keep_no_mask_per_block_pair():
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+def test_scanned_layers_keep_no_mask_per_block_pair(strategy):
     """The tiled kernel's masks depend only on positions and segments, the same in every layer:
     under scanned, rematerialized layers JAX's partial evaluation once computed all of them
     before the layer loop and kept every pair's ([pairs, ..., block, block]: 32 GiB per chip
@@ -148,11 +152,11 @@ def test_scanned_layers_keep_no_mask_per_block_pair():
     block = 8
     cfg = compose_config(
         *CONTEXT, "execution.attention=block_causal", f"execution.attention_chunk={block}", "execution.remat=full",
-        "execution.scan_layers=true",
+        "execution.scan_layers=true", f"execution.context_strategy={strategy}",
     )  # fmt: skip
     split = Runtime.of(cfg)
     data = {"inputs": jnp.zeros((ROWS, LENGTH), jnp.int32), "targets": jnp.zeros((ROWS, LENGTH), jnp.int32)}
     program = str(jax.make_jaxpr(jax.grad(loss_fn))(split.abstract_params, split.graphdef, data))
     tiles = re.findall(rf"\[(\d+),\d+,\d+,\d+,{block},{block}\]", program)
-    assert "all_gather" in program  # attention over gathered keys is in the program
+    assert ("ppermute" if strategy == "ring" else "all_gather") in program  # the strategy's collective is in the program
     assert tiles == [], f"per-pair stacks of shape [{tiles[0]}, ..., {block}, {block}]"

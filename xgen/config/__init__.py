@@ -5,6 +5,7 @@ from xgen.config.schema import (
     AttentionKernel,
     CarbonConfig,
     ChatTemplateConfig,
+    ContextStrategy,
     DataMixConfig,
     DiffConfig,
     DType,
@@ -54,6 +55,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AttentionKernel",
+    "ContextStrategy",
     "Remat",
     "RopeScalingConfig",
     "RopeType",

@@ -31,6 +31,11 @@ class AttentionKernel(StrEnum):
     cudnn = "cudnn"
 
 
+class ContextStrategy(StrEnum):
+    all_gather = "all_gather"  # every device gathers the whole sequence's keys and values
+    ring = "ring"  # keys and values pass around the context axis (xgen/model/ring.py)
+
+
 class RopeType(StrEnum):
     """RoPE rules, named as transformers' `rope_type` (see xgen/model/rope.py)."""
 
@@ -178,6 +183,10 @@ class ExecutionConfig:
     # See xgen/model/attention.py.
     attention: AttentionKernel = AttentionKernel.dense
     attention_chunk: int = 1024
+    # Context parallelism (hardware.mesh.context > 1): all_gather (each device gathers every
+    # key and value of the sequence; one collective per layer) | ring (they pass around the
+    # context axis in C steps: memory of one part, no splash). See docs/long-context.md.
+    context_strategy: ContextStrategy = ContextStrategy.all_gather
     # Tokens per row whose output head and cross-entropy are computed at a time, each chunk
     # recomputed in the backward pass, so training never holds [batch, length, vocab]
     # float32 logits (2.1 GB for 8 x 8K tokens of XGen's 51,200-way head); 0: all at once.

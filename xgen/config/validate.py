@@ -184,6 +184,11 @@ def validate(cfg: XGenConfig) -> None:
                 f"hardware.mesh.context={context} but hardware.logical_axis_rules maps `length` to {length_axes or 'nothing'}: "
                 "every device of the context axis would compute the same thing; add [length, context]"
             )
+        if cfg.execution.context_strategy == "ring" and cfg.execution.attention == "splash":
+            raise ConfigError(
+                "execution.context_strategy=ring runs the tiled kernel on each passing part; splash needs "
+                "execution.context_strategy=all_gather (or execution.attention=block_causal)"
+            )
         if cfg.execution.attention == "cudnn":
             raise ConfigError(
                 f"execution.attention=cudnn does not run with hardware.mesh.context={context} "

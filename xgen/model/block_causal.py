@@ -147,6 +147,19 @@ def _attention_bwd(c, ordered, res, d_out):
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
+def attention_part(q, k, v, where, block):
+    """Queries q [B, Tq, KV, R, D] over one part of the keys (k, v [B, Tk, KV, D]), `where` =
+    (query positions, key positions, query segments, key segments): the output normalized over
+    that part and its log-sum-exp [B, KV, R, Tq], what a ring step combines (ring.py)."""
+    return _forward(q, k, v, where, block, False)
+
+
+def attention_part_grads(q, k, v, where, block, out, lse, d_out):
+    """dq, dk, dv of one part of the keys, given the output and log-sum-exp over all of them
+    (FlashAttention-2's backward needs only those: each part's share is exact)."""
+    return _attention_bwd(block, False, (q, k, v, where, out, lse), d_out)[:3]
+
+
 PAD_SEGMENT = jnp.iinfo(jnp.int32).min  # padding's own segment: it sees only padding
 
 

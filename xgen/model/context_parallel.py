@@ -1,4 +1,4 @@
-"""Context parallelism: one sequence split over several devices, attention by gathered keys.
+"""Context parallelism: one sequence split over several devices, attention over gathered keys (or a ring).
 
 When the rules table maps the logical `length` axis to mesh axes of more than one device
 (`hardware.mesh.context`), every activation [batch, length, ...] holds a part of each
@@ -31,6 +31,7 @@ import numpy as np
 from xgen.model.attention import masked_attention
 from xgen.model.block_causal import block_attention
 from xgen.model.layers import Constrain, kernel_platform, run_local
+from xgen.model.ring import ring_attention
 from xgen.model.splash import splash_attention_ordered
 
 Q_AXES = ("batch", "length", "heads", "head_dim")
@@ -75,17 +76,21 @@ def gathered_attention(
     parts: int,
     kernel: str,
     block: int,
+    strategy: str = "all_gather",
 ) -> jax.Array:
     """Attention of q [B, T, H, D] over k, v [B, T, KV, D] with T split into `parts` over
     `axes` (held in `sequence_order`): each device's queries against every key, gathered. `dense` masks a
     [local, T] score matrix; `splash` runs the TPU kernel of the whole sequence on this
     device's rows of its mask tables, over the keys put back in order; every other kernel
-    visits [block x block] tiles, skipping those no query sees."""
+    visits [block x block] tiles, skipping those no query sees. `strategy=ring` passes the
+    keys around instead of gathering them (ring.py; tiles, whatever the kernel)."""
     b, t = positions.shape
     segments = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     order = sequence_order(t, parts)
 
     def local(q_, k_, v_, pos_, seg_):
+        if strategy == "ring":
+            return ring_attention(q_, k_, v_, pos_, seg_, axes=axes, parts=parts, block=block)
         gather = lambda x: jax.lax.all_gather(x, axes, axis=1, tiled=True)  # noqa: E731
         k_all, v_all, pos_all, seg_all = gather(k_), gather(v_), gather(pos_), gather(seg_)
         if kernel == "splash":

@@ -63,6 +63,7 @@ class Attention(nnx.Module):
         # As items: a module's static attributes are hashed (nnx GraphDef), the dataclass is not hashable.
         self.rope_scaling = tuple(sorted(vars(cfg.rope_scaling).items()))
         self.kernel, self.chunk = execution.attention, execution.attention_chunk
+        self.context_strategy = str(execution.context_strategy)
         self.dtype = dtype
         self.constrain = constrain
         kw = dict(std=cfg.init_std, dtype=dtype, rngs=rngs)
@@ -91,7 +92,7 @@ class Attention(nnx.Module):
         if cache is None and context_axes and t % shards == 0:
             out = gathered_attention(
                 q, k, v, positions, segment_ids, constrain=self.constrain, axes=context_axes, parts=shards, kernel=self.kernel,
-                block=self.chunk,
+                block=self.chunk, strategy=self.context_strategy,
             )
         elif cache is None:
             out = causal_attention(
