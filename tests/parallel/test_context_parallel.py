@@ -1,6 +1,6 @@
 """Context parallelism on 8 virtual CPU devices: sequences split 4 ways (context) under FSDP 2
 give one device's logits, loss and gradients, with and without document masking, with the
-dense and the tiled (block_causal) kernels; and the balanced (zigzag) layout."""
+dense and the tiled (block_causal) kernels, the ring and splash; and the balanced (zigzag) layout."""
 
 from __future__ import annotations
 

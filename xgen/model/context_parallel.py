@@ -49,10 +49,11 @@ def context_shards(constrain: Constrain) -> tuple[tuple[str, ...], int]:
     return axes, math.prod(size for _, size in axes_of("length"))
 
 
-def sequence_order(length: int, shards: int) -> np.ndarray:
-    """The order the model holds a sequence in under context parallelism: balanced (zigzag)
-    where the length splits into 2 x shards chunks, else as it is."""
-    return zigzag_order(length, shards) if length % (2 * shards) == 0 else np.arange(length)
+def balanced_order(length: int, shards: int) -> np.ndarray | None:
+    """The order the model holds a sequence of `length` in when it is split into `shards`
+    parts: zigzag where it splits into 2 x shards chunks (training lengths always do), None
+    (in order, placed by XLA) otherwise or without context parallelism."""
+    return zigzag_order(length, shards) if shards > 1 and length % (2 * shards) == 0 else None
 
 
 def zigzag_order(length: int, shards: int) -> np.ndarray:
@@ -79,14 +80,15 @@ def gathered_attention(
     strategy: str = "all_gather",
 ) -> jax.Array:
     """Attention of q [B, T, H, D] over k, v [B, T, KV, D] with T split into `parts` over
-    `axes` (held in `sequence_order`): each device's queries against every key, gathered. `dense` masks a
+    `axes` (held in `balanced_order`): each device's queries against every key, gathered. `dense` masks a
     [local, T] score matrix; `splash` runs the TPU kernel of the whole sequence on this
     device's rows of its mask tables, over the keys put back in order; every other kernel
     visits [block x block] tiles, skipping those no query sees. `strategy=ring` passes the
     keys around instead of gathering them (ring.py; tiles, whatever the kernel)."""
     b, t = positions.shape
     segments = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    order = sequence_order(t, parts)
+    order = balanced_order(t, parts)
+    order = np.arange(t) if order is None else order
 
     def local(q_, k_, v_, pos_, seg_):
         if strategy == "ring":

@@ -16,7 +16,7 @@ from flax import nnx, struct
 
 from xgen.config import ExecutionConfig, ModelConfig, RopeScalingConfig
 from xgen.model.attention import cached_attention, causal_attention
-from xgen.model.context_parallel import context_shards, gathered_attention, sequence_order
+from xgen.model.context_parallel import balanced_order, context_shards, gathered_attention
 from xgen.model.layers import Constrain, Linear, RMSNorm, logical_param, no_constraint
 from xgen.model.rope import apply_rope, rope_angles
 from xgen.model.scan import layer_of, scan_blocks, stack_blocks
@@ -219,17 +219,14 @@ class XGenModel(nnx.Module):
         """The final normed hidden states [batch, length, d_model], before the output head."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        _, shards = context_shards(self.constrain)
-        # Context parallelism: each device gets an equal share of the causal work (training
-        # lengths always split so; other lengths run in order, placed by XLA).
-        balanced = shards > 1 and tokens.shape[1] % (2 * shards) == 0
-        if balanced:
-            order = sequence_order(tokens.shape[1], shards)
+        # Context parallelism: each device gets an equal share of the causal work.
+        order = balanced_order(tokens.shape[1], context_shards(self.constrain)[1])
+        if order is not None:
             tokens, positions = tokens[:, order], positions[:, order]
             segment_ids = None if segment_ids is None else segment_ids[:, order]
         x = self.embed(tokens)
         x = self._blocks(x, positions, segment_ids)
-        if balanced:
+        if order is not None:
             x = self.constrain(x[:, np.argsort(order)], ("batch", "length", "embed"))
         return self.norm(x)
 
