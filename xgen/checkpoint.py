@@ -181,6 +181,17 @@ def read_meta_at(directory: Path, step: int) -> dict:
     return dict(meta)
 
 
+def _step_mismatch(state: Any, meta: dict, step: int) -> str | None:
+    """Whether the checkpoint is another step's under this directory name (a copy, a link, a
+    rename): resuming it as `step` would skip or repeat training silently."""
+    recorded = meta.get("step")
+    held = getattr(state, "step", None) if not isinstance(state, dict) else state.get("step")
+    for what, value in (("its metadata records", recorded), ("its train state holds", held)):
+        if value is not None and int(value) != step:
+            return f"{what} step {int(value)}, not the step {step} its directory is named for"
+    return None
+
+
 def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """(state, data_state, meta) of one step, checked against its fingerprints; raises on damage."""
     try:
@@ -195,7 +206,7 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -
     meta = restored.meta
     if not isinstance(meta, dict):
         raise ConfigError(f"checkpoint {mngr.directory}/{step}: its metadata is not a JSON object")
-    problem = _mismatch(restored.state, meta.get("fingerprints"))
+    problem = _step_mismatch(restored.state, meta, step) or _mismatch(restored.state, meta.get("fingerprints"))
     if problem is None and "data_state" in meta and restored.data != meta["data_state"]:
         problem = f"its data position {restored.data} differs from the one recorded at save {meta['data_state']}"
     if problem:
@@ -293,7 +304,7 @@ def restore_params(path: str | Path, abstract_params: Any) -> Any:
     except Exception as ex:  # noqa: BLE001 - another model, or damaged files: one line
         raise ConfigError(f"checkpoint {directory}/{step} cannot be read as this model's parameters: {_first_line(ex)}") from None
     params = restored.state["params"]
-    problem = _mismatch({"params": params}, meta.get("fingerprints"))
+    problem = _step_mismatch({}, meta, step) or _mismatch({"params": params}, meta.get("fingerprints"))
     if problem:
         raise ConfigError(f"checkpoint {directory}/{step} is damaged: {problem}")
     return params

@@ -65,6 +65,9 @@ BAD = [
     (["model.init_std=nan"], "model.init_std=nan must be"),
     (["stage.token_budget=-1"], "stage.token_budget=-1 must be a finite number >= 0"),
     (["plan.mfu=1.5"], "plan.mfu=1.5 must be a finite number in (0, 1]"),
+    (["trainer.checkpoint_minutes=-5"], "trainer.checkpoint_minutes=-5.0 must be a finite number >= 0"),
+    (["trainer.step_timeout_minutes=inf"], "trainer.step_timeout_minutes=inf must be a finite number >= 0"),
+    (["plan.storage_bytes_per_s=0"], "plan.storage_bytes_per_s=0.0 must be a finite number > 0"),
     (["hardware.num_devices=0"], "hardware.num_devices=0 must be"),
     # context parallelism: lengths that do not split into 2 x context chunks, kernels that cannot gather
     (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",

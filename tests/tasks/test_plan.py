@@ -49,6 +49,12 @@ def test_plan_compiles_for_a_tpu_v4_slice_and_reports_memory_and_flops(tmp_path)
     assert plan["roofline_bound"] in ("compute", "memory") and plan["bytes_accessed_per_chip"] > 0
     assert plan["roofline_step_time_s"] == pytest.approx(max(per_chip / 275e12, plan["bytes_accessed_per_chip"] / 1.2e12))
     assert plan["compile_s"] > 0
+    # What a failure costs: the train state (float32 parameters and Adam's two moments) read
+    # back by each of the slice's 2 hosts at the stated bandwidth, and half the default
+    # 30-minute checkpoint interval of steps redone on average.
+    r = plan["recovery"]
+    assert r["checkpoint_bytes"] == pytest.approx(plan["params"] * 4 * 3, rel=1e-3) and r["hosts"] == 2
+    assert r["restore_s"] == pytest.approx(r["checkpoint_bytes"] / 2 / 1e9) and r["lost_work_s_mean"] == 15 * 60
 
 
 @needs_libtpu

@@ -191,8 +191,8 @@ def test_a_non_finite_state_is_never_saved_and_the_run_ends_in_an_error(tmp_path
     restore = Trainer._restore
 
     def poisoned(self, mngr, batches):
-        state = restore(self, mngr, batches)
-        return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+        state, meta = restore(self, mngr, batches)
+        return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)), meta
 
     monkeypatch.setattr(Trainer, "_restore", poisoned)
     with pytest.raises(SystemExit, match=r"not finite; not saved \(newest good checkpoint: step 2\)"):

@@ -374,7 +374,9 @@ class HardwareConfig:
     tpu_chip_config: str = "megacore"
     tpu_chips_per_host: list[int] = field(default_factory=lambda: [2, 2, 1])
     tpu_wrap: list[bool] = field(default_factory=lambda: [False, False, False])
-    peak_flops_per_chip: Optional[float] = None  # None: measured at start-up (CPU)
+    # The chip's stated peak (dense matmuls in compute_dtype) that MFU divides by; None: no
+    # MFU is reported (a measured or guessed peak would make a number that only looks like it).
+    peak_flops_per_chip: Optional[float] = None
     memory_per_chip_bytes: Optional[int] = None
     # HBM bandwidth, bytes/s: with the peak FLOP/s, task=plan's roofline of the compiled step.
     memory_bandwidth_per_chip: Optional[float] = None
@@ -417,7 +419,15 @@ class TrainerConfig:
     # MaxText's load_parameters_path). Parameters-only checkpoints (import_hf) always do.
     init_params_only: bool = False
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: none by step count (see checkpoint_minutes)
+    # Also a checkpoint when this many minutes have passed since the last one (0: off), decided
+    # on process 0's clock and shared, so every host saves the same step. With the default, a
+    # crash of any kind loses at most half an hour (Levanter's default is 15 minutes).
+    checkpoint_minutes: float = 30.0
+    # The hang watchdog: no step finished within this many minutes (the first step's compile
+    # excluded) writes every thread's stack to the run log and exits 124, so that a supervisor
+    # (python -m xgen.launch) restarts the run. 0: off.
+    step_timeout_minutes: float = 30.0
     checkpoints_to_keep: int = 3
     # Also keep every checkpoint whose step is a multiple of this (None: only the last K).
     checkpoints_keep_every: Optional[int] = None
@@ -439,6 +449,10 @@ class LoaderConfig:
     read_threads: int = 2
     # Batches built ahead; each holds batch_tokens tokens (grain's prefetch_buffer_size).
     prefetch_batches: int = 4
+    # Record which sequences (their index in the mixture) each step trained on, per process,
+    # in data_trace/process-<p>.jsonl: to audit a run's data order across restarts and
+    # changes of process count, or to find the batch behind a loss spike.
+    trace_sequences: bool = False
 
 
 @dataclass
@@ -464,6 +478,9 @@ class PlanConfig:
     # TPU slices: also compile the Engine's decoding step (serve.max_batch rows over a full
     # KV cache) and report its per-chip memory.
     generate: bool = True
+    # Read bandwidth of checkpoint storage per host, bytes/s, for the recovery estimate (the
+    # time to restore after a failure); 1 GB/s is a cautious figure for a GCS bucket.
+    storage_bytes_per_s: float = 1.0e9
 
 
 @dataclass

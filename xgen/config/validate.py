@@ -32,6 +32,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("trainer.steps", t.steps, ">0?"), ("trainer.log_every", t.log_every, ">0"),
         ("trainer.checkpoint_every", t.checkpoint_every, ">=0"), ("trainer.checkpoints_to_keep", t.checkpoints_to_keep, ">0"),
         ("trainer.checkpoints_keep_every", t.checkpoints_keep_every, ">0?"),
+        ("trainer.checkpoint_minutes", t.checkpoint_minutes, ">=0"), ("trainer.step_timeout_minutes", t.step_timeout_minutes, ">=0"),
         ("trainer.grad_accum_steps", t.grad_accum_steps, ">0"), ("trainer.rewarm_steps", t.rewarm_steps, ">=0"),
         ("trainer.spike.threshold", t.spike.threshold, ">0"), ("trainer.spike.decay", t.spike.decay, "(0,1)"),
         ("trainer.spike.warmup_steps", t.spike.warmup_steps, ">=0"),
@@ -51,7 +52,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("serve.max_batch", cfg.serve.max_batch, ">0"), ("serve.batch_wait_ms", cfg.serve.batch_wait_ms, ">=0"),
         ("serve.prefill_chunk", cfg.serve.prefill_chunk, ">0"), ("serve.max_queued_rows", cfg.serve.max_queued_rows, ">0"),
         ("serve.max_body_bytes", cfg.serve.max_body_bytes, ">0"), ("serve.shutdown_grace_s", cfg.serve.shutdown_grace_s, ">=0"),
-        ("plan.mfu", cfg.plan.mfu, "(0,1]"),
+        ("plan.mfu", cfg.plan.mfu, "(0,1]"), ("plan.storage_bytes_per_s", cfg.plan.storage_bytes_per_s, ">0"),
     ]  # fmt: skip
     for name, src in cfg.data_mix.sources.items():
         rules.append((f"data_mix.sources.{name}.weight", src.weight, ">0"))

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 import grain
+import numpy as np
 
 from xgen.config import ConfigError, DataMixConfig, LoaderConfig, StageConfig
 from xgen.data.mixture import Part, integer_proportions, mixture_counts, select_parts
@@ -141,12 +142,14 @@ def build_pipeline(
         datasets.append(grain.MapDataset.source(packed).shuffle(seed=mix.seed + k).repeat())
     weights = [p.weight for p, _ in kept]
     mixed = grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]
+    loader = loader or LoaderConfig()
+    if loader.trace_sequences:  # each window's index in the mixture: the run's sequence id
+        mixed = mixed.map_with_index(lambda i, window: {**window, "sequence_ids": np.int64(i)})
     if process_count > 1:
         mixed = mixed[process_index::process_count]
     dataset = mixed.batch(global_batch // process_count, drop_remainder=True).map(
         partial(to_model_batch, document_masking=mix.document_masking)
     )
-    loader = loader or LoaderConfig()
     read_options = grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=loader.prefetch_batches)
     report = {"data_mix": mix.name, "stage": stage.name, "seq_len": stage.seq_len, "parts": rows, "sources": sources}
     return DataPipeline(

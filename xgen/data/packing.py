@@ -70,6 +70,8 @@ def to_model_batch(windows: dict[str, np.ndarray], document_masking: bool) -> di
     """
     tokens = windows["tokens"]
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if "sequence_ids" in windows:  # loader.trace_sequences: read by the trainer's trace, not the model
+        batch["sequence_ids"] = windows["sequence_ids"]
     if document_masking:
         seg = windows["segment_ids"]
         batch["segment_ids"] = seg[:, :-1]

@@ -18,6 +18,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from xgen.config import XGenConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     # Planning only compiles; it never claims TPU chips, so it may load libtpu beside another
     # process that holds libtpu's lock (a training run, a test session).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+
     from xgen.model import count_params
     from xgen.parallel import topology_devices
     from xgen.runtime import Runtime
@@ -137,6 +141,8 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         "compile_s": compile_s,
         **_roofline(flops / n_chips, bytes_per_chip, peak, hw.memory_bandwidth_per_chip),
     }
+    state = jax.tree.leaves(trainer.abstract_state) if hw.tpu_topology else None
+    plan["recovery"] = _recovery(cfg, params, state, step_s, compile_s)
     plan["verdict"] = _advice(plan, cfg)
     if hw.tpu_topology and cfg.plan.generate:
         plan["generate"] = _generate_plan(cfg, runtime)
@@ -160,6 +166,12 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
                                  "count takes loop bodies once, a lower bound when layers are scanned)"))  # fmt: skip
     if compile_s is not None:
         rows.append(("compile time", f"{compile_s:.1f} s"))
+    r = plan["recovery"]
+    lost = f"{r['lost_work_s_mean'] / 60:.0f} min of steps on average (half the checkpoint interval)" if r["lost_work_s_mean"] else "unknown"
+    rows.append(("recovery", f"restore {gib(r['checkpoint_bytes_per_host'])} per host ({gib(r['checkpoint_bytes'])} in all, "
+                             f"{r['hosts']} hosts) in {r['restore_s']:.0f} s at {r['storage_bytes_per_s'] / 1e9:g} GB/s "
+                             f"(plan.storage_bytes_per_s){f', plus {compile_s:.0f} s to compile' if compile_s else ''}; "
+                             f"a failure loses {lost}"))  # fmt: skip
     if "generate" in plan:
         g = plan["generate"]
         rows.append(
@@ -169,6 +181,31 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     log.info("plan written to %s", run_dir / "plan.json")
     return plan
+
+
+def _recovery(cfg: XGenConfig, params: int, state: list | None, step_s: float | None, compile_s: float | None) -> dict:
+    """What a failure costs (docs/launching.md): the checkpoint every host reads back, at the
+    stated storage bandwidth, and the steps lost since the last save, half an interval on
+    average. The state's bytes come from the compiled trainer's abstract state when there is
+    one, else parameters + Adam's two moments in float32."""
+    hw, t = cfg.hardware, cfg.trainer
+    total = sum(x.size * x.dtype.itemsize for x in state) if state else params * 4 * 3
+    per_host_chips = int(np.prod(hw.tpu_chips_per_host)) if hw.platform == "tpu" else 1
+    hosts = hw.num_processes or max(hw.num_devices // per_host_chips, 1)
+    intervals = [t.checkpoint_minutes * 60] if t.checkpoint_minutes else []
+    if t.checkpoint_every and step_s:
+        intervals.append(t.checkpoint_every * step_s)
+    interval = min(intervals) if intervals else None
+    return {
+        "checkpoint_bytes": total,
+        "hosts": hosts,
+        "checkpoint_bytes_per_host": total / hosts,
+        "storage_bytes_per_s": cfg.plan.storage_bytes_per_s,
+        "restore_s": total / hosts / cfg.plan.storage_bytes_per_s,
+        "compile_s": compile_s,
+        "checkpoint_interval_s": interval,
+        "lost_work_s_mean": interval / 2 if interval else None,
+    }
 
 
 def _roofline(flops_per_chip: float, bytes_per_chip: float | None, peak: float | None, bandwidth: float | None) -> dict:

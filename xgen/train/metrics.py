@@ -115,9 +115,43 @@ def _keep_until(path: Path, step: int) -> None:
 
 
 def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str:
-    """The console line: step, loss, learning rate, gradient norm, throughput, ETA."""
+    """The console line: step, loss, learning rate, gradient norm, throughput, MFU (when the
+    hardware states its peak), ETA."""
     eta = f"{int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
+    mfu = f" | MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
     return (
         f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | lr {record['learning_rate']:.2e} | "
-        f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | ETA {eta}"
+        f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s{mfu} | ETA {eta}"
     )
+
+
+class SequenceTrace:
+    """`data_trace/process-<p>.jsonl`: each step's sequence ids (their index in the data
+    mixture) as this process read them, written only when the data carries them
+    (`loader.trace_sequences`). Cut back to the resumed step like metrics.jsonl, so the
+    file lists what the run's model was trained on, once per step."""
+
+    def __init__(self, run_dir: Path, process_index: int, resume_step: int):
+        self.path = run_dir / "data_trace" / f"process-{process_index}.jsonl"
+        self._file = None
+        if self.path.exists():
+            _keep_until(self.path, resume_step)
+
+    def write(self, step: int, ids) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps({"step": step, "ids": [int(i) for i in ids]}) + "\n")
+        self._file.flush()
+
+    def truncate(self, step: int) -> None:
+        """A rollback: the steps after `step` no longer count."""
+        if self._file is None:
+            return
+        self._file.close()
+        _keep_until(self.path, step)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

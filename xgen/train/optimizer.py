@@ -21,8 +21,31 @@ from xgen.config import OptimizerConfig
 _NEVER = -(2**30)  # rewarm start of an optimizer that was never reset: no ramp
 
 
-def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `decay_steps`."""
+def lr_schedule(opt: OptimizerConfig, total_steps: int, extensions: tuple[tuple[int, int], ...] = ()) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `decay_steps`.
+
+    `extensions`: (step, new total) for each resume that changed the run's length (see
+    `extend_schedule`). From each such step on, the rate decays by the same cosine shape from
+    the rate it had there to the final rate at the new total, so it never jumps."""
+    base = _warmup_cosine(opt, total_steps)
+    if not extensions:
+        return base
+    pieces, value_at = [], base
+    for start, total in extensions:
+        begin = float(value_at(start))
+        pieces.append((start, _cosine_from(begin, opt.lr * opt.min_lr_ratio, start, total)))
+        value_at = pieces[-1][1]
+
+    def schedule(step):
+        lr = base(step)
+        for start, piece in pieces:
+            lr = jnp.where(step >= start, piece(step), lr)
+        return lr
+
+    return schedule
+
+
+def _warmup_cosine(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
     decay_steps = opt.decay_steps or total_steps
     # A run shorter than its warmup (a smoke test) still gets at least one cosine step.
     return optax.warmup_cosine_decay_schedule(
@@ -32,6 +55,36 @@ def lr_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
         decay_steps=decay_steps,
         end_value=opt.lr * opt.min_lr_ratio,
     )
+
+
+def _cosine_from(begin: float, end: float, start: int, total: int) -> optax.Schedule:
+    """`begin` at `start`, cosine down to `end` at `total`, `end` after (a constant tail when
+    the run is extended after its schedule ended: begin == end)."""
+    span = max(total - start, 1)
+
+    def schedule(step):
+        frac = jnp.clip((step - start) / span, 0.0, 1.0)
+        return end + (begin - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
+def continue_schedule(opt: OptimizerConfig, recorded: list[tuple[int, int]], total_steps: int, step: int) -> list[tuple[int, int]]:
+    """The schedule record for resuming at `step` with `total_steps`, given the checkpoint's
+    `recorded` one (`[(0, first total), (step, total), ...]`, the `lr_schedule` arguments).
+
+    The length matters only when the decay follows the run (`optimizer.decay_steps` unset); a
+    resume inside the first warmup just takes the new length (the warmup does not depend on
+    it); any other change of length adds `(step, total_steps)`: from there the rate decays
+    from its value at `step`, so the first resumed step's rate is the one the run had."""
+    recorded = [tuple(r) for r in recorded]
+    if opt.decay_steps:
+        return [(0, total_steps)]
+    if recorded[-1][1] == total_steps:
+        return recorded
+    if len(recorded) == 1 and step <= min(opt.warmup_steps, recorded[0][1] - 1, total_steps - 1):
+        return [(0, total_steps)]
+    return [*recorded, (step, total_steps)]
 
 
 def decay_mask(params):

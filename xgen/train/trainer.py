@@ -27,13 +27,16 @@ from xgen.config import ConfigError, XGenConfig
 from xgen.config.validate import mesh_shape
 from xgen.data.batches import Batches, BatchSource
 from xgen.runtime import Runtime
+from xgen.train.cadence import SaveCadence
 from xgen.train.counted_flops import step_flops
-from xgen.train.metrics import MetricsLog, TrainMetrics, progress_line
-from xgen.train.optimizer import lr_schedule, make_optimizer, mark_reset
+from xgen.train.goodput import Goodput, summary_line
+from xgen.train.metrics import MetricsLog, SequenceTrace, TrainMetrics, progress_line
+from xgen.train.optimizer import continue_schedule, lr_schedule, make_optimizer, mark_reset
 from xgen.train.preemption import StopRequest
 from xgen.train.resume import check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
-from xgen.train.throughput import flops_per_token, measure_matmul_peak
+from xgen.train.throughput import flops_per_token
+from xgen.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,20 @@ class _Window:
         self.acc = m if self.acc is None else self.acc.merge(m)
 
 
+@dataclasses.dataclass
+class _LoopParts:
+    """What the step loop works with besides the state: its inputs, outputs and guards."""
+
+    data: BatchSource
+    batches: Batches
+    mngr: object
+    metrics_log: MetricsLog
+    stop: StopRequest
+    goodput: Goodput
+    watchdog: Watchdog
+    trace: "SequenceTrace"
+
+
 class Trainer:
     """Owns the mesh, the sharded train state, the compiled step and the checkpoint manager."""
 
@@ -110,8 +127,10 @@ class Trainer:
             )
         self.runtime = runtime = runtime or Runtime.of(cfg)
         self.mesh = runtime.mesh
-        self.schedule = lr_schedule(cfg.optimizer, self.steps)
         self.tx = make_optimizer(cfg.optimizer)
+        # The learning rate's course: [(0, total)] then (step, new total) for each resume that
+        # changed the run's length; stored in every checkpoint (see `_schedule_for`).
+        self.schedule_record = [(0, self.steps)]
 
         def from_params(params: nnx.State) -> TrainState:
             return TrainState(
@@ -135,6 +154,28 @@ class Trainer:
             donate_argnums=0,
         )
         self.tokens_sharding = runtime.sharding(("batch", "length"))
+        self._use_schedule(self.schedule_record)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.stage.seq_len)
+        # MFU only against a peak the hardware file states (docs/launching.md): a guessed or
+        # measured one would make a number that looks like MFU and is not.
+        self.peak_flops = cfg.hardware.peak_flops_per_chip
+        log.info(
+            "model %s: %s parameters | mesh %s over %d %s device(s) | %d steps of %d x %d tokens",
+            cfg.model.name,
+            f"{runtime.param_count():,}",
+            dict(self.mesh.shape),
+            self.mesh.size,
+            self.mesh.devices.flat[0].platform,
+            self.steps,
+            self.batch_size,
+            cfg.stage.seq_len,
+        )
+
+    def _use_schedule(self, record: list[tuple[int, int]]) -> None:
+        """The step function for a schedule record (compiled when `compile_step` is called)."""
+        cfg = self.cfg
+        self.schedule_record = [tuple(r) for r in record]
+        self.schedule = lr_schedule(cfg.optimizer, self.schedule_record[0][1], tuple(self.schedule_record[1:]))
         self._step = jax.jit(
             partial(
                 train_step,
@@ -148,22 +189,29 @@ class Trainer:
             out_shardings=(self.state_sharding, None),
             donate_argnums=0,
         )
-        self.flops_per_token = flops_per_token(cfg.model, cfg.stage.seq_len)
-        self.peak_flops = cfg.hardware.peak_flops_per_chip
-        if self.peak_flops is None:
-            self.peak_flops = measure_matmul_peak(str(runtime.dtype))
-            log.info("measured peak: %.1f GFLOP/s per device (%s matmul)", self.peak_flops / 1e9, runtime.dtype)
-        log.info(
-            "model %s: %s parameters | mesh %s over %d %s device(s) | %d steps of %d x %d tokens",
-            cfg.model.name,
-            f"{runtime.param_count():,}",
-            dict(self.mesh.shape),
-            self.mesh.size,
-            self.mesh.devices.flat[0].platform,
-            self.steps,
-            self.batch_size,
-            cfg.stage.seq_len,
-        )
+
+    def _schedule_for(self, meta: dict | None, step: int) -> list[tuple[int, int]]:
+        """The schedule record that continues a checkpoint (`meta`, at `step`) with this
+        command's run length (`optimizer.continue_schedule`)."""
+        if meta is None:
+            return [(0, self.steps)]
+        return continue_schedule(self.cfg.optimizer, meta.get("schedule") or [(0, self.steps)], self.steps, step)
+
+    def _note_extension(self, meta: dict | None, step: int, metrics_log: MetricsLog) -> None:
+        """Say in one line (and in events.jsonl) what a changed run length does to the rate."""
+        before = [tuple(r) for r in (meta or {}).get("schedule") or []]
+        if not before or before[-1][1] == self.steps or self.cfg.optimizer.decay_steps:
+            return
+        now, end = float(self.schedule(step)), self.cfg.optimizer.lr * self.cfg.optimizer.min_lr_ratio
+        if self.schedule_record[-1][0] == step and len(self.schedule_record) > 1 and abs(now - end) <= 1e-6 * max(end, 1e-30):
+            what = f"the schedule had ended; the learning rate stays at its final value {end:.3g}"
+        elif self.schedule_record[-1][0] == step and len(self.schedule_record) > 1:
+            what = f"the learning rate goes on from {now:.3g}, its value at step {step}, down to {end:.3g} at step {self.steps}"
+        else:
+            what = f"still in the warmup; the decay now ends at step {self.steps}"
+        log.warning("trainer.steps changes the run from %d to %d steps at step %d: %s", before[-1][1], self.steps, step, what)
+        metrics_log.event({"event": "schedule_extended", "step": step, "from_total": before[-1][1], "to_total": self.steps,
+                           "learning_rate": now, "end_learning_rate": end})  # fmt: skip
 
     def fit(self, data: BatchSource) -> dict:
         """Train to `self.steps` on `data` (element i: this host's batch of step i + 1),
@@ -172,82 +220,158 @@ class Trainer:
         SIGTERM (a preempted TPU VM, a SLURM time limit) ends the run after the current
         step with a checkpoint, exit code 143; running the command again resumes. Whatever
         ends the loop, an exception included, the checkpoint manager's threads, the metrics
-        files and the signal handler are closed and restored."""
+        files and the signal handler are closed and restored. Where the wall time went is
+        accounted in goodput.json (`xgen.train.goodput`), across restarts."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        done = checkpoint.latest_step(self.run_dir / "checkpoints")
+        primary = jax.process_index() == 0
+        goodput = Goodput(self.run_dir, primary=primary)
+        self._pending_events, self._allowed_changes = [], {}
+        ckpt_dir = self.run_dir / "checkpoints"
+        done = checkpoint.latest_step(ckpt_dir)
         if done is not None and done >= self.steps:
-            return self._summary(self.steps, None, t_start, t_start)
+            finished = self._verified_finished(goodput)
+            if finished is not None:
+                return self._summary(self.steps, None, t_start, t_start)
+            done = checkpoint.latest_step(ckpt_dir)
+        # The schedule from the newest checkpoint's record, before compiling (a fallback to an
+        # older checkpoint with another record recompiles: see below).
+        self._use_schedule(self._schedule_for(self._newest_meta(done), done or 0))
+        goodput.since_mark("startup")
         compiled = self.compile_step(data.dataset[0])
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
+        goodput.since_mark("compile")
         with contextlib.ExitStack() as cleanup:
             mngr = checkpoint.open_manager(
-                self.run_dir / "checkpoints", keep=cfg.trainer.checkpoints_to_keep, keep_every=cfg.trainer.checkpoints_keep_every
+                ckpt_dir, keep=cfg.trainer.checkpoints_to_keep, keep_every=cfg.trainer.checkpoints_keep_every
             )
             cleanup.callback(mngr.close)  # no orbax threads left behind, whatever happens
             batches = data.iterator()
             cleanup.callback(batches.close)  # grain's read-ahead threads
-            self._pending_events, self._allowed_changes = [], {}
-            state = self._restore(mngr, batches)
+            # Watched from here: a restore waits on every host and on storage, and hangs with them.
+            watchdog = Watchdog(cfg.trainer.step_timeout_minutes, self.run_dir)
+            cleanup.callback(watchdog.close)
+            state, meta = self._restore(mngr, batches)
             start = int(state.step)
-            metrics_log = MetricsLog(
-                self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=jax.process_index() == 0
-            )
+            record = self._schedule_for(meta, start) if meta is not None else self.schedule_record
+            if record != self.schedule_record:
+                with watchdog.paused_for():
+                    self._use_schedule(record)
+                    compiled = self.compile_step(data.dataset[0])
+            goodput.since_mark("restore" if meta is not None or cfg.trainer.init_from else "startup")  # a fresh init is start-up
+            goodput.resumed(start)
+            metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=primary)
             cleanup.callback(metrics_log.close)
+            trace = SequenceTrace(self.run_dir, jax.process_index(), resume_step=start)
+            cleanup.callback(trace.close)
             if self._allowed_changes:
                 changes = {k: [a, b] for k, (a, b) in self._allowed_changes.items()}
                 log.warning("resuming with changes allowed by trainer.allow_changes: %s", changes)
                 self._pending_events.append({"event": "config_change", "step": start, "changes": changes})
             self._flush_events(metrics_log)
+            self._note_extension(meta, start, metrics_log)
             stop = StopRequest()
             cleanup.callback(stop.restore)
+            loop = _LoopParts(data, batches, mngr, metrics_log, stop, goodput, watchdog, trace)
             train_t0 = time.perf_counter()
-            step, last, stopped = self._loop(compiled, state, start, train_t0, data, batches, mngr, metrics_log, stop)
-            mngr.wait_until_finished()
+            step, last, stopped = self._loop(compiled, state, start, train_t0, loop)
+            with goodput.timing("checkpoint"):
+                mngr.wait_until_finished()
+            goodput.since_mark("other")  # what the loop did not account for itself
+            log.info(summary_line(goodput.write(step), len(goodput.attempts)))
         if stopped:
             name = signal.Signals(stop.signum).name
             log.warning("%s: saved a checkpoint at step %d of %d; run the same command to resume", name, step, self.steps)
             raise SystemExit(128 + stop.signum)
         return self._summary(start, last, t_start, train_t0)
 
-    def _loop(
-        self, compiled, state, start: int, train_t0: float, data: BatchSource, batches: Batches, mngr, metrics_log, stop
-    ) -> tuple[int, dict | None, bool]:
+    def _newest_meta(self, step: int | None) -> dict | None:
+        """The newest checkpoint's metadata, or None (none, or unreadable: the restore will
+        report it and fall back, and the step is compiled again for the one it restores)."""
+        if step is None:
+            return None
+        try:
+            return checkpoint.read_meta_at(self.run_dir / "checkpoints", step)
+        except ConfigError:
+            return None
+
+    def _verified_finished(self, goodput: Goodput) -> int | None:
+        """A run whose newest checkpoint is at or past its end is done only if that checkpoint
+        restores and passes its checks; a damaged one is moved aside like any other, and the
+        run resumes from the newest one that passes (None: there is still work to do)."""
+        with checkpoint.open_manager(self.run_dir / "checkpoints", keep=self.cfg.trainer.checkpoints_to_keep) as mngr:
+            with goodput.timing("restore"):
+                restored = self._restore_latest(mngr, move_damaged=True)
+        step = restored[2] if restored is not None else None
+        if step is None or step < self.steps:
+            return None  # the damage is recorded once the run resumes
+        if self._pending_events:
+            metrics_log = MetricsLog(self.run_dir, tensorboard=False, resume_step=step, primary=jax.process_index() == 0)
+            self._flush_events(metrics_log)
+            metrics_log.close()
+        return step
+
+    def _loop(self, compiled, state, start: int, train_t0: float, parts: "_LoopParts") -> tuple[int, dict | None, bool]:
         """Steps from `start` to the end or a stop request; returns (last step, last logged
         metrics, whether it stopped early)."""
         cfg = self.cfg
+        data, batches, mngr, metrics_log, stop, goodput = parts.data, parts.batches, parts.mngr, parts.metrics_log, parts.stop, parts.goodput
         window = _Window(start)
         pending: list = []  # (step, data index, outputs) not yet checked for events
         last = None
         step = start
+        cadence = SaveCadence(cfg.trainer.checkpoint_every, cfg.trainer.checkpoint_minutes)
         # The data position of the next batch, counted here rather than read from the iterator
         # every step (it drifts from the step only when a rollback skips batches).
         data_index = batches.get_state().get("next_index", 0)
+        parts.watchdog.beat(step)
+        goodput.since_mark("other")
         while step < self.steps:
-            state, out = compiled(state, self._global_batch(next(batches)))
+            t0 = time.time()
+            local = next(batches)
+            goodput.add("data_wait", time.time() - t0)
+            ids = local.pop("sequence_ids", None)
+            state, out = compiled(state, self._global_batch(local))
             step += 1
             data_index += 1
+            if ids is not None:
+                parts.trace.write(step, ids)
             stopping = stop.at(step)  # the same step on every process
             pending.append((step, data_index - 1, out))
             window.add(out)
             if cfg.trainer.spike.policy == "rollback" and bool(out["spike"]):
                 self._events(metrics_log, pending)
                 pending = []
-                state, step = self._rollback(mngr, state, step, metrics_log)
+                with goodput.timing("restore"):
+                    state, step = self._rollback(mngr, state, step, metrics_log)
+                parts.trace.truncate(step)
                 window = _Window(step)  # metrics of the discarded steps leave the averages
+                parts.watchdog.beat(step)
                 if stopping:
                     return step, last, True  # the step rolled back to is the saved one
                 continue
-            if step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stopping:
+            logging_now = step == start + 1 or step % cfg.trainer.log_every == 0 or step == self.steps or stopping
+            if logging_now:
                 self._events(metrics_log, pending)
                 pending = []
                 last = self._log_window(window, step, start, train_t0, data, metrics_log)
                 window = _Window(step)
-            if step == self.steps or stopping or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                self._save(mngr, state, batches, metrics_log)
+            if cadence.due(step) or step == self.steps or stopping:
+                with goodput.timing("checkpoint"):
+                    self._save(mngr, state, batches, metrics_log)
+                cadence.saved()
+                goodput.since_mark("productive")
+                totals = goodput.write(step)
+                if step < self.steps and not stopping:  # the last one is logged after the final save
+                    log.info(summary_line(totals, len(goodput.attempts)))
+            elif logging_now:
+                goodput.since_mark("productive")
+                goodput.write(step)
+            parts.watchdog.beat(step)
             if stopping:
                 return step, last, step < self.steps
+        goodput.since_mark("productive")
         return step, last, False
 
     def _save(self, mngr, state: TrainState, batches: Batches, metrics_log: MetricsLog) -> None:
@@ -262,7 +386,7 @@ class Trainer:
                 raise SystemExit(f"xgen: {message}")
             log.error(message)
             return
-        meta = {"config": dataclasses.asdict(self.cfg), "step": step}
+        meta = {"config": dataclasses.asdict(self.cfg), "step": step, "schedule": [list(r) for r in self.schedule_record]}
         checkpoint.save(mngr, step, self.runtime.to_disk(state), batches.get_state(), meta)
 
     def _restore_latest(self, mngr, move_damaged: bool = False) -> tuple[TrainState, dict, int, dict] | None:
@@ -294,7 +418,7 @@ class Trainer:
             "tokens_seen": step * cfg.stage.batch_tokens,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_chip": tokens_per_s / self.mesh.size,
-            "mfu": tokens_per_s / self.mesh.size * self.flops_per_token / self.peak_flops,
+            "mfu": tokens_per_s / self.mesh.size * self.flops_per_token / self.peak_flops if self.peak_flops else None,
             "elapsed_s": now - train_t0,
             "data_epochs": data.epochs(step),
         }
@@ -303,16 +427,19 @@ class Trainer:
         log.info(progress_line(record, self.steps, eta))
         return record
 
-    def _restore(self, mngr, batches) -> TrainState:
-        """This run's newest good checkpoint (with the data position), if the command still
-        describes its run; else the stage it starts from (model, optimizer and step; its own
-        data chunk from the start); else a fresh init."""
+    def _restore(self, mngr, batches) -> tuple[TrainState, dict | None]:
+        """This run's newest good checkpoint (with the data position) and its metadata, if the
+        command still describes its run; else the stage it starts from (model, optimizer and
+        step; its own data chunk from the start); else a fresh init (metadata None for both)."""
         restored = self._restore_latest(mngr, move_damaged=True)
         if restored is not None:
             state, data_state, step, meta = restored
             self._allowed_changes = check_resume(meta.get("config", {}), self.cfg, f"{self.run_dir} at step {step}")
             batches.set_state(data_state)
-            return state
+            return state, meta
+        return self._start_state(), None
+
+    def _start_state(self) -> TrainState:
         if self.cfg.trainer.init_from is None:
             return self._init(jax.random.key(self.cfg.seed))
         source = checkpoint.checkpoints_dir(self.cfg.trainer.init_from)
@@ -403,6 +530,7 @@ class Trainer:
         if local_batch is None:
             shape = (self.batch_size // jax.process_count(), self.cfg.stage.seq_len)
             local_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("inputs", "targets")}
+        local_batch = {k: v for k, v in local_batch.items() if k != "sequence_ids"}  # a trace's, not the model's
         return self._step.lower(self.abstract_state, self._abstract_batch(local_batch)).compile()
 
     def step_flops(self) -> float:
