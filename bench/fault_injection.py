@@ -119,10 +119,11 @@ def uninterrupted(run_dir: Path, steps: int) -> dict[int, tuple[float, float]]:
     return metrics(run_dir)
 
 
-def run_trials(workdir: Path, trials: int, seed: int = 0) -> dict:
-    """`trials` kills in one supervised two-process run; returns each trial and the verdict."""
+def run_trials(workdir: Path, trials: int, seed: int = 0, moments: tuple[str, ...] = MOMENTS) -> dict:
+    """`trials` kills in one supervised two-process run, the first at each of `moments` in
+    turn, the rest at random ones; returns each trial and the verdict."""
     rng = random.Random(seed)
-    steps = 12 + 8 * trials
+    steps = 12 + 6 * trials
     straight = uninterrupted(workdir / "straight", steps)
     run_dir = workdir / "faulted"
     port = free_port()
@@ -131,7 +132,7 @@ def run_trials(workdir: Path, trials: int, seed: int = 0) -> dict:
     since = time.time()
     try:
         for trial in range(trials):
-            moment = MOMENTS[trial % len(MOMENTS)] if trial < len(MOMENTS) else rng.choice(MOMENTS)
+            moment = moments[trial] if trial < len(moments) else rng.choice(MOMENTS)
             victim = procs[rng.randrange(2)]
             deadline = time.time() + 300
             # Some progress first: a few steps past the one the run recovered at.

@@ -1,4 +1,5 @@
-"""Checkpoints: kill -9 and SIGTERM mid-run, restore on another mesh (8 devices to 1), retention, rollback."""
+"""Checkpoints: kill -9 and SIGTERM mid-run (and the time account of a killed run), restore on another mesh (8 devices
+to 1), retention, rollback."""
 
 import dataclasses
 import json
@@ -15,6 +16,7 @@ import pytest
 
 from tests.conftest import compose_config
 from xgen.tasks import run_task
+from xgen.train.goodput import CATEGORIES
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ("stage.seq_len=32", "stage.batch_tokens=256", "data_mix.sources.python_stdlib.max_documents=20")
@@ -51,7 +53,7 @@ def test_resume_is_bit_identical_after_sigkill_at_random_moments(tmp_path):
 
     killed = tmp_path / "killed"
     rng = random.Random(0)
-    kills = 0
+    kills, reached, t0 = 0, [], time.time()
     for target in (5, 13):
         proc = start(killed, *run)
         wait_for_lines(killed, target, proc)
@@ -60,10 +62,26 @@ def test_resume_is_bit_identical_after_sigkill_at_random_moments(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
+        reached.append(json.loads((killed / "goodput.json").read_text())["step"])
+        time.sleep(0.5)  # down time: idle in the time account
     assert kills >= 2
     proc = start(killed, *run)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    outside = time.time() - t0
     assert metrics(killed) == metrics(straight)
+    # Where the time went (goodput.json), across the three attempts: every category, adding up
+    # to the wall time seen from outside, with the steps trained twice counted.
+    account = json.loads((killed / "goodput.json").read_text())
+    attempts = account["attempts"]
+    assert account["step"] == 20 and len(attempts) == 3
+    redone = [reached[k] - attempts[k + 1]["resumed_from"] for k in range(2)]
+    assert [a.get("lost_steps", 0) for a in attempts[:2]] == redone and account["lost_steps"] == sum(redone)
+    seconds = account["seconds"]
+    assert set(seconds) == set(CATEGORIES) and all(v >= 0 for v in seconds.values())
+    assert sum(seconds.values()) == pytest.approx(account["wall_s"], abs=0.01)
+    assert outside - 3.0 <= account["wall_s"] <= outside + 0.1  # less Python's start and exit; /proc's start is to 10 ms
+    assert seconds["idle"] >= 1.0 and min(seconds[k] for k in ("startup", "compile", "restore", "productive", "checkpoint")) > 0
+    assert (seconds["lost"] > 0) == (sum(redone) > 0)
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])

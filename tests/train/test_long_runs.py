@@ -1,5 +1,6 @@
-"""Runs that last weeks: checkpoints by time, the hang watchdog, where the wall time went
-(goodput), a checkpoint under another step's name, and a run made longer on resume."""
+"""Runs that last weeks: checkpoints by time, the hang watchdog, a checkpoint under another
+step's name, and a run made longer on resume (where the wall time of a killed run went:
+tests/train/test_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from tests.conftest import compose_config
 from xgen import exits
 from xgen.tasks import run_task
 from xgen.train.cadence import SaveCadence
-from xgen.train.goodput import CATEGORIES
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ("stage.seq_len=32", "stage.batch_tokens=128", "data_mix.sources.python_stdlib.max_documents=20", "trainer.log_every=1")
@@ -167,43 +165,3 @@ def test_a_step_that_hangs_ends_the_run_with_every_threads_stack_in_the_log_and_
     assert "read_that_never_returns" in stacks and "xgen-watchdog" not in line
     assert "Traceback" not in proc.stderr
     assert max(by_step(run_dir, "loss")) == 3  # the steps before the hang were logged
-
-
-def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "xgen.run", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_lines(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and len(records(run_dir)) < n:
-        time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_goodput_splits_the_wall_time_of_a_killed_and_restarted_run_and_counts_the_steps_redone(tmp_path):
-    run = ("trainer.steps=30", "trainer.checkpoint_every=5", "optimizer.decay_steps=30")
-    t0 = time.time()
-    proc = start(tmp_path, *run)
-    wait_for_lines(tmp_path, 13, proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    reached = json.loads((tmp_path / "goodput.json").read_text())["step"]
-    time.sleep(1.0)  # down time: counted as idle
-    proc = start(tmp_path, *run)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-    outside = time.time() - t0
-    record = json.loads((tmp_path / "goodput.json").read_text())
-    first, second = record["attempts"]
-    assert record["step"] == 30 and record["attempts_count"] == 2
-    resumed = second["resumed_from"]
-    assert resumed % 5 == 0 and 10 <= resumed <= reached
-    assert record["lost_steps"] == first["lost_steps"] == reached - resumed
-    seconds = record["seconds"]
-    assert set(seconds) == set(CATEGORIES) and all(v >= 0 for v in seconds.values())
-    assert sum(seconds.values()) == pytest.approx(record["wall_s"], abs=0.01)
-    # The account's wall time is the time seen from outside, less the Python start before the
-    # first process and the exit after the last record.
-    assert outside - 3.0 <= record["wall_s"] <= outside + 0.1  # /proc gives the start to 10 ms
-    assert seconds["idle"] >= 1.0 and seconds["compile"] > 0 and seconds["startup"] > 0 and seconds["productive"] > 0
-    assert seconds["restore"] > 0 and seconds["checkpoint"] > 0 and (seconds["lost"] > 0) == (reached > resumed)
