@@ -49,6 +49,7 @@ def process_start_time() -> float:
 
 
 _IMPORTED = time.time()
+_last_record = [0.0]  # when this process last closed an account (`Goodput.write`)
 
 
 class Goodput:
@@ -58,7 +59,9 @@ class Goodput:
         self.path = run_dir / "goodput.json"
         self.primary = primary
         self.attempts = self._earlier() if primary else []
-        started = max(process_start_time(), self.attempts[-1]["updated"] if self.attempts else 0.0)
+        # Several runs in one process (task=pretrain_all's stages, a notebook): each begins where
+        # the previous one's account ended, not at the process's start.
+        started = max(process_start_time(), _last_record[0], self.attempts[-1]["updated"] if self.attempts else 0.0)
         self.current = {"started": started, "updated": started, "resumed_from": None, "step": None,
                         "seconds": dict.fromkeys(CATEGORIES[:-1], 0.0)}  # fmt: skip
         self.attempts.append(self.current)
@@ -136,7 +139,7 @@ class Goodput:
 
     def write(self, step: int | None = None) -> dict:
         """Close the attempt's account at now (the remainder is `other`) and rewrite the file."""
-        now = time.time()
+        now = _last_record[0] = time.time()
         if step is not None:
             self.current["step"] = step
         self.current["updated"] = now
