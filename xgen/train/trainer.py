@@ -203,12 +203,13 @@ class Trainer:
         if not before or before[-1][1] == self.steps or self.cfg.optimizer.decay_steps:
             return
         now, end = float(self.schedule(step)), self.cfg.optimizer.lr * self.cfg.optimizer.min_lr_ratio
-        if self.schedule_record[-1][0] == step and len(self.schedule_record) > 1 and abs(now - end) <= 1e-6 * max(end, 1e-30):
-            what = f"the schedule had ended; the learning rate stays at its final value {end:.3g}"
-        elif self.schedule_record[-1][0] == step and len(self.schedule_record) > 1:
-            what = f"the learning rate goes on from {now:.3g}, its value at step {step}, down to {end:.3g} at step {self.steps}"
-        else:
+        re_anchored = len(self.schedule_record) > 1 and self.schedule_record[-1][0] == step
+        if not re_anchored:
             what = f"still in the warmup; the decay now ends at step {self.steps}"
+        elif abs(now - end) <= 1e-6 * end:
+            what = f"the schedule had ended; the learning rate stays at its final value {end:.3g}"
+        else:
+            what = f"the learning rate goes on from {now:.3g}, its value at step {step}, down to {end:.3g} at step {self.steps}"
         log.warning("trainer.steps changes the run from %d to %d steps at step %d: %s", before[-1][1], self.steps, step, what)
         metrics_log.event({"event": "schedule_extended", "step": step, "from_total": before[-1][1], "to_total": self.steps,
                            "learning_rate": now, "end_learning_rate": end})  # fmt: skip
