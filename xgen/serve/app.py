@@ -159,26 +159,38 @@ class OpenAIApp:
         self.app.router.redirect_slashes = False  # paths are normalised in __call__ instead
 
     async def __call__(self, scope, receive, send) -> None:
-        """The ASGI entry: a trailing slash is ignored, and each request logs one line."""
+        """The ASGI entry: a trailing slash is ignored, and each request logs one line.
+
+        The line and the response counter are written before the last byte of the body is
+        sent, so a client that has read its whole answer finds its request in /metrics and
+        in the log (afterwards, it would race the client's next request)."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope["path"] = scope["path"].rstrip("/") or "/"
-        started, status = time.perf_counter(), [500]
+        started, status, logged = time.perf_counter(), [500], [False]
 
-        async def send_status(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        def record() -> None:
+            if logged[0]:
+                return
+            logged[0] = True
             path = scope["path"]
             self.responses[(path if path in self.paths else "other", status[0])] += 1
             tokens = scope.get(USAGE)
             tokens = f" prompt_tokens={tokens[0]} completion_tokens={tokens[1]}" if tokens else ""
             ms = (time.perf_counter() - started) * 1000
             log.info("%s %s %d %.1f ms%s", scope["method"], path[:200], status[0], ms, tokens)
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            record()  # a request that ended without a last body (an error, a disconnect)
 
     async def _http_exception(self, request: Request, ex: HTTPException) -> Response:
         path = request.url.path
