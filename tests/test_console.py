@@ -47,15 +47,23 @@ def test_absl_errors_still_reach_the_console(tmp_path):
         logging.config.dictConfig(conf)
         absl = logging.getLogger("absl")
         absl.info("orbax info"); absl.warning("orbax warning"); absl.error("orbax error")
+        try:
+            raise ValueError("No space left on device")
+        except ValueError:
+            absl.exception("orbax thread failed\\nits second line")  # a background save's failure
+        logging.getLogger("xgen.file_only").warning("exception ignored in finalizer")
         logging.getLogger("xgen.x").info("xgen info")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = proc.stdout + proc.stderr
-    assert "orbax error" in console and "xgen info" in console
+    assert "orbax error" in console and "xgen info" in console and "orbax thread failed" in console
     assert "orbax info" not in console and "orbax warning" not in console
+    # An error's first line on the console; its other lines and traceback in run.log only.
+    assert "its second line" not in console and "Traceback" not in console and "finalizer" not in console
     log = (tmp_path / "run.log").read_text()
-    assert all(line in log for line in ("orbax info", "orbax warning", "orbax error", "xgen info"))
+    assert all(line in log for line in ("orbax info", "orbax warning", "orbax error", "xgen info", "its second line",
+                                        "ValueError: No space left on device", "exception ignored in finalizer"))  # fmt: skip
 
 
 # Constant folding a sort of a 30,000-element constant takes XLA seconds on a CPU: its alarm.

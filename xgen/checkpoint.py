@@ -15,8 +15,11 @@ aside to `stray_checkpoints/` (kept, reported, never trusted).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from xgen.config import ConfigError
+from xgen.config import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,47 @@ def all_finite(state: Any) -> bool:
 
 # ---- save and restore ------------------------------------------------------------------
 
+# Errors of the storage itself: no retry of the same save can succeed until someone acts.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG, errno.EEXIST}
+
+
+def check_room(directory: Path, needed_bytes: int) -> None:
+    """Before the first step: `directory` takes files and has room for one checkpoint of
+    `needed_bytes` (the state's size), so a run never trains for hours to fail at its first save."""
+    if directory.exists() and not directory.is_dir():
+        raise StorageError(f"checkpoints cannot be written to {directory}: it is a file, not a directory")
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"xgen")
+        probe.unlink()
+    except OSError as ex:
+        raise StorageError(f"checkpoints cannot be written to {directory}: {ex.strerror or ex} ({ex.filename or probe})") from None
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise StorageError(
+            f"{free / 2**30:.2f} GiB free in {directory}, but one checkpoint of this run takes "
+            f"{needed_bytes / 2**30:.2f} GiB: free space there, or write the run elsewhere (hydra.run.dir=...)"
+        )
+
+
+def storage_error(ex: BaseException) -> OSError | None:
+    """The storage error behind a failed save, or None. Orbax raises Python's OSError from
+    its own threads; tensorstore's writes fail as a ValueError that carries the errno as
+    `[os_error_code='28']` and the file in quotes."""
+    seen: BaseException | None = ex
+    for _ in range(20):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return seen
+        code = re.search(r"os_error_code='(\d+)'", str(seen))
+        if code and int(code.group(1)) in STORAGE_ERRNOS:
+            path = re.search(r'(?:Failed writing|local file|file): "([^"]+)"', str(seen)) or re.search(r'"(/[^"]+)"', str(seen))
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, meta: dict) -> None:
     """Start an asynchronous save of everything needed to resume at `step`."""
@@ -192,6 +236,40 @@ def _step_mismatch(state: Any, meta: dict, step: int) -> str | None:
     return None
 
 
+class ShapeMismatch(ConfigError):
+    """The checkpoint holds arrays of other shapes or names than this run's model: not damage
+    (an older checkpoint would not fit either), a refusal."""
+
+
+def _path_name(path: tuple) -> str:
+    """A key path as dotted names, whatever the tree's node types (dicts, dataclasses, lists);
+    nnx's trailing `value` dropped so that both sides name a parameter alike."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def shape_differences(step_dir: Path, abstract_state: Any, shown: int = 4) -> str | None:
+    """What differs between the arrays stored in a step and the ones this run restores into,
+    by key (None: the same keys and shapes, or the stored tree cannot be read)."""
+    try:
+        from etils import epath
+
+        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state"))
+    except Exception:  # noqa: BLE001 - unreadable metadata is damage, reported by the restore
+        return None
+    shapes = lambda tree: {  # noqa: E731
+        _path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")
+    }
+    disk, now = shapes(stored), shapes(_as_tree(abstract_state))
+    order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params."), k))  # noqa: E731 - parameters first
+    parts = []
+    differ = [f"{k} {disk[k]} stored, {now[k]} here" for k in order(disk.keys() & now.keys()) if disk[k] != now[k]]
+    for what, keys in (("shapes differ", differ), ("only stored", order(disk.keys() - now.keys())), ("only here", order(now.keys() - disk.keys()))):
+        if keys:
+            parts.append(f"{what}: {', '.join(keys[:shown])}" + (f" and {len(keys) - shown} more" if len(keys) > shown else ""))
+    return "; ".join(parts) or None
+
+
 def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """(state, data_state, meta) of one step, checked against its fingerprints; raises on damage."""
     try:
@@ -202,6 +280,12 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -
             ),
         )
     except Exception as ex:  # noqa: BLE001 - truncated, deleted or garbled files
+        differences = shape_differences(Path(mngr.directory) / str(step), abstract_state)
+        if differences:
+            raise ShapeMismatch(
+                f"checkpoint {mngr.directory}/{step} holds another model than this command's ({differences}); "
+                "rerun with the model it was trained with, or start a new run directory"
+            ) from None
         raise ConfigError(f"checkpoint {mngr.directory}/{step} cannot be read: {_first_line(ex)}") from None
     meta = restored.meta
     if not isinstance(meta, dict):
@@ -241,6 +325,8 @@ def restore_latest(
     for step in steps:
         try:
             state, data, meta = _restore_step(mngr, step, abstract_state)
+        except ShapeMismatch:
+            raise
         except ConfigError as ex:
             log.error("%s; trying the checkpoint before it", ex)
             problems.append(str(ex))

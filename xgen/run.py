@@ -15,11 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from xgen import provenance
+from xgen import provenance, run_lock
 from xgen.config import ConfigError, register_configs, to_object
 from xgen.config.validate import validate
+from xgen.console import exit_now, unraisable_to_run_log
 from xgen.objective import objective
-from xgen.tasks import LOCAL_TASKS, run_task
+from xgen.tasks import LOCAL_TASKS, owns_run_dir, run_task
 from xgen.xla_logs import quiet_cpu_compiler
 
 register_configs()
@@ -105,13 +106,27 @@ def _set_host_devices(cfg: DictConfig) -> None:
             )
 
 
+def _save_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's `.hydra/` files (config.yaml, hydra.yaml, overrides.yaml), as Hydra writes
+    them, but by the run directory's lock holder only: conf/config.yaml sets
+    `hydra.output_subdir: null`, or a refused second command would first overwrite them."""
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (out / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
+
+
 def _exit_on_config_error(ex: BaseException) -> None:
     """Print one line and exit 2 if `ex` is a config mistake (and the user did not ask for traces)."""
     line = None if _USER_WANTS_TRACES else _config_error_line(ex)
     if line is None:
         return
-    print(f"xgen: config error: {line}", file=sys.stderr)
-    sys.exit(2)
+    print(f"xgen: {getattr(ex, 'label', ConfigError.label)}: {line}", file=sys.stderr)
+    exit_now(2)
 
 
 def _chips_present(platform: str) -> bool:
@@ -150,6 +165,7 @@ def _start_distributed(cfg) -> None:
 @hydra.main(version_base="1.3", config_path=_CONFIG_PATH, config_name="config")
 def _hydra_entry(cfg: DictConfig) -> float | None:
     """One job; returns the task's objective (xgen/objective.py), which a sweeper optimizes."""
+    run_dir = None
     try:
         _cpu_only_backend(cfg)
         hw = cfg.hardware
@@ -159,6 +175,11 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         validate(typed)
         _start_distributed(typed)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if owns_run_dir(typed.task.name):
+            # Before anything is written there: a second process on this directory is refused
+            # here, and the first run's records stay its own (xgen/run_lock.py).
+            run_lock.hold(run_dir)
+            _save_run_config(cfg, run_dir)
         # Here, after XLA_FLAGS and the multi-host start: recording the devices starts JAX
         # (only for tasks that run on them: task=diff or task=carbon never start it).
         provenance.write(run_dir, uses_devices=typed.task.name not in LOCAL_TASKS, task=typed.task.name)
@@ -166,6 +187,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         # Exiting here, not in main(): Hydra would log a second line for a failed job.
         _exit_on_config_error(ex)
+        _exit_on_unwritable(ex, run_dir)
         raise
     # A task's verdict as the exit code: task=diff's result has exit_code 1 when the configs differ (CI).
     if getattr(result, "exit_code", 0):
@@ -173,17 +195,9 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     return objective(typed.task.name, result)
 
 
-def _quiet_closed_loop(unraisable) -> None:
-    """Drop tensorstore's late callbacks into orbax's closed event loop after a refused
-    checkpoint (noise after the one-line error); anything else goes to the default hook."""
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-        return
-    sys.__unraisablehook__(unraisable)
-
-
 def main() -> None:
     """Console entry point: config mistakes end in one line on stderr and exit code 2."""
-    sys.unraisablehook = _quiet_closed_loop
+    sys.unraisablehook = unraisable_to_run_log
     # Let composition errors reach us instead of Hydra's multi-line report.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
@@ -193,7 +207,29 @@ def main() -> None:
         sys.exit(130)
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         _exit_on_config_error(ex)
+        _exit_on_unwritable(ex)
         raise
+
+
+def _exit_on_unwritable(ex: BaseException, run_dir: Path | None = None) -> None:
+    """One line and exit 2 for files that cannot be written: a run directory Hydra could not
+    create or log into (read-only, `/proc/...`; before xgen's own checks), or a disk that
+    filled up under the metrics files (a write names no file: the run directory is named)."""
+    import errno
+
+    seen: BaseException | None = ex
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    full = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+    unwritable = full | {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+    # Inside a task (run_dir known) only a full or read-only disk: a task reports a missing
+    # or unreadable input itself, and "cannot write" would misname it.
+    if _USER_WANTS_TRACES or seen is None or seen.errno not in (full if run_dir else unwritable):
+        return
+    if not seen.filename and run_dir is None:
+        return
+    print(f"xgen: storage error: cannot write {seen.filename or f'the run files in {run_dir}'}: {seen.strerror}", file=sys.stderr)
+    exit_now(2)
 
 
 if __name__ == "__main__":

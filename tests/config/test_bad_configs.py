@@ -69,6 +69,10 @@ BAD = [
     (["trainer.step_timeout_minutes=inf"], "trainer.step_timeout_minutes=inf must be a finite number >= 0"),
     (["plan.storage_bytes_per_s=0"], "plan.storage_bytes_per_s=0.0 must be a finite number > 0"),
     (["hardware.num_devices=0"], "hardware.num_devices=0 must be"),
+    (["seed=1180591620717411303424"], "seed=1180591620717411303424 must be a finite number in [0, 2**63)"),  # 2**70: once an OverflowError
+    (["trainer.spike.max_rollbacks=0"], "trainer.spike.max_rollbacks=0 must be a finite number > 0"),
+    (["serve.max_request_share=0"], "serve.max_request_share=0.0 must be a finite number in (0, 1]"),
+    (["serve.idle_timeout_s=0"], "serve.idle_timeout_s=0.0 must be a finite number > 0"),
     # context parallelism: lengths that do not split into 2 x context chunks, kernels that cannot gather
     (["hardware=cpu_8", "hardware.mesh.fsdp=2", "hardware.mesh.context=4", "hardware.mesh.data=1", "hardware.mesh.tensor=1",
       "stage.seq_len=36", "stage.batch_tokens=288"], "stage.seq_len=36 does not split into 2 x hardware.mesh.context=4"),

@@ -1,10 +1,12 @@
 """The continuous scheduler on the tiny model: every row's tokens are those of generating it
-alone, whatever joins or leaves the batch around it; a request of many prompts does not
-hold back a request of one; shutdown finishes or fails rows, never leaves them waiting."""
+alone, whatever joins or leaves the batch around it (or its slot: a preempted row resumes
+exactly); a request of many prompts does not hold back a request of one; shutdown finishes
+or fails rows, never leaves them waiting."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +76,35 @@ def test_a_request_of_many_prompts_does_not_hold_back_a_request_of_one(batcher):
     many.wait(300)
     # Round-robin admission: the single row takes the second free slot, not the 25th.
     assert finished.index("one") < 6, finished
+
+
+def test_a_preempted_row_resumes_with_exactly_the_tokens_of_unbatched_generation(batcher, engine):
+    # 3 slots: a request keeps 1 of them while another waits, so the small request takes a
+    # slot from the 3-row one, whose row then prefills again and replays its tokens.
+    assert batcher.share_rows == 1
+    before = batcher.counters()
+    ps = prompts(3, seed=6)
+    settings = [SamplingConfig(40, temperature=0.0), SamplingConfig(40, temperature=0.9, top_k=50, seed=3),
+                SamplingConfig(40, temperature=0.0)]  # fmt: skip
+    events: list = []
+    big = batcher.submit(Job([Row(p, s, top_logprobs=2) for p, s in zip(ps, settings)], on_event=events.append))
+    deadline = time.monotonic() + 120
+    while {e[1] for e in list(events) if e[0] == "text"} != {0, 1, 2}:  # every row has streamed text
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    small = batcher.submit(Job([Row(prompts(1, seed=7)[0], SamplingConfig(3, temperature=0.0))]))
+    small.wait(300)
+    rows = big.wait(300)
+    after = batcher.counters()
+    assert after["preempted_rows"] > before["preempted_rows"] and after["replayed_tokens"] > before["replayed_tokens"]
+    assert after["replay_mismatches"] == before["replay_mismatches"] == 0
+    for row, p, s in zip(rows, ps, settings):
+        (want,) = engine.generate([p], s, logprobs=2)
+        got = row.completion
+        assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text, want.finish_reason)
+        assert got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-4)
+        assert [list(d) for d in got.top_logprobs] == [list(d) for d in want.top_logprobs]
+        assert "".join(e[2] for e in events if e[0] == "text" and e[1] == row.index) == want.text  # streamed once each
 
 
 def test_echo_rows_are_scored_after_generating(batcher, engine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = ("task=carbon", "experiment=xgen_7b_s1_2k", "carbon.chip_hours=1")
 
 
-def xgen(*overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xgen.run", *overrides], capture_output=True, text=True, timeout=120, cwd=cwd)
+def xgen(*overrides: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xgen.run", *overrides], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +115,14 @@ def test_bad_inputs_end_in_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken" / ".hydra").mkdir(parents=True)
     (tmp_path / "broken" / ".hydra" / "config.yaml").write_text("optimizer: {lr: [\n")
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    (tmp_path / "list.yaml").write_text("- optimizer\n- lr\n")
     for spec, needle in [
         (tmp_path / "empty", "no .hydra/config.yaml there"),
         ("no_such_snapshot", "no such run directory, YAML file or snapshot (snapshots: experiment.xgen_7b_s1_2k"),
-        (tmp_path / "broken", "not a readable config"),
+        (tmp_path / "broken", "not a readable config (while parsing a flow node"),
+        (tmp_path / "empty.yaml", f"{tmp_path / 'empty.yaml'}: empty (no YAML document in it), so not a config"),
+        (tmp_path / "list.yaml", f"{tmp_path / 'list.yaml'}: not a config (its top level is a list, not a mapping"),
     ]:
         proc = xgen("task=diff", f"diff.a={spec}", f"hydra.run.dir={tmp_path / 'out'}")
         assert proc.returncode == 2, proc.stderr
@@ -123,3 +130,73 @@ def test_bad_inputs_end_in_one_line_with_exit_code_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("xgen: config error: diff.a=") and needle in lines[0], proc.stderr
     with pytest.raises(ConfigError, match="task=diff needs diff.a="):
         run(compose_config("task=diff"), tmp_path)
+
+
+# Billion laughs: nine lines that expand to 9^9 (387 million) values.
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{inner}'] * 9)}]\n" for inner, name in zip("abcdefgh", "bcdefghi")
+)
+
+
+def test_diff_prints_an_environment_interpolation_literally(tmp_path):
+    """Diffing someone's run must not print this machine's secrets: `${oc.env:...}` in a run's
+    saved config or in a YAML file is compared and printed as written, on both sides."""
+    home = tmp_path / "home-of-whoever-runs-the-diff"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "XGEN_TEST_SECRET": "hunter2-do-not-print"}
+    (tmp_path / "someones_run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "someones_run" / ".hydra" / "config.yaml").write_text(
+        "seed: 0\ntoken: ${oc.env:XGEN_TEST_SECRET}\nhome: ${oc.env:HOME}\ncache: ${home}/cache\n"
+    )
+    (tmp_path / "file.yaml").write_text("seed: 0\ntoken: none\nhome: ${oc.env:HOME}/x\ncache: ${home}\n")
+    proc = xgen(
+        "task=diff", f"diff.a={tmp_path / 'someones_run'}", f"diff.b={tmp_path / 'file.yaml'}",
+        f"hydra.run.dir={tmp_path / 'out'}", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("  ")] == [
+        '  token: "${oc.env:XGEN_TEST_SECRET}" -> none',  # quoted, as YAML would need it
+        '  home: "${oc.env:HOME}" -> "${oc.env:HOME}/x"',
+        '  cache: "${oc.env:HOME}/cache" -> "${oc.env:HOME}/x"',
+    ]
+    for secret in (str(home), "hunter2-do-not-print"):
+        assert secret not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_diff_refuses_an_alias_bomb_in_one_line(tmp_path):
+    """A hang here would time the subprocess out: the bomb is refused before it is expanded."""
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)
+    proc = xgen("task=diff", f"diff.a={tmp_path / 'bomb.yaml'}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"xgen: config error: diff.a={tmp_path / 'bomb.yaml'}: refused: its aliases expand to more than 100,000 "
+        "values (a saved config has a few hundred; an alias bomb has billions)"
+    ]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_diff_refuses_an_alias_bomb_in_a_run_directory_naming_its_saved_config(tmp_path):
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(ALIAS_BOMB)
+    with pytest.raises(ConfigError, match="aliases expand to more than") as refused:
+        run(compose_config("task=diff", f"diff.a={tmp_path / 'run'}"), tmp_path)
+    assert str(refused.value).startswith(f"diff.a={tmp_path / 'run' / '.hydra' / 'config.yaml'}: refused")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("", "empty (no YAML document in it), so not a config"),
+        ("# a comment, and nothing else\n", "empty (no YAML document in it), so not a config"),
+        ("- optimizer.lr\n- 0.0003\n", "not a config (its top level is a list, not a mapping of keys)"),
+        ("0.0003\n", "not a config (its top level is the scalar '0.0003', not a mapping of keys)"),
+        ("optimizer.lr=1e-4\n", "not a config (its top level is the scalar 'optimizer.lr=1e-4', not a mapping of keys)"),
+    ],
+)
+def test_diff_refuses_an_empty_or_non_mapping_yaml_in_one_line(tmp_path, text, needle):
+    """Not an empty config that differs from everything: a file that is no config at all."""
+    (tmp_path / "side.yaml").write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        run(compose_config("task=diff", f"diff.b={tmp_path / 'side.yaml'}"), tmp_path)
+    assert str(refused.value) == f"diff.b={tmp_path / 'side.yaml'}: {needle}"

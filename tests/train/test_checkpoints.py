@@ -132,6 +132,7 @@ def test_rollback_restores_the_last_checkpoint_and_skips_the_spiky_batches(tmp_p
         compose_config(
             *FAST, "trainer.steps=14", "trainer.checkpoint_every=4", "trainer.log_every=1",
             "trainer.spike.policy=rollback", "trainer.spike.threshold=0", "trainer.spike.warmup_steps=6",
+            "trainer.spike.max_rollbacks=10",
         ),
         tmp_path,
     )  # fmt: skip
@@ -144,6 +145,23 @@ def test_rollback_restores_the_last_checkpoint_and_skips_the_spiky_batches(tmp_p
     assert all(s["data_index"] is not None and not s["update_applied"] for s in spikes)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 14
     assert sorted(metrics(tmp_path)) == list(range(1, 15))  # each step logged once, after the rollbacks
+
+
+def test_a_spike_before_the_first_checkpoint_rolls_back_to_the_start_and_spikes_that_return_stop_the_run(tmp_path):
+    """Once, a rollback with no checkpoint yet skipped the update and went on: a run whose
+    every step spiked ended "done", exit 0, with nothing trained. Under the policy the run now
+    saves its start; going back to one checkpoint more than max_rollbacks times in a row ends
+    the run in one line."""
+    cfg = compose_config(
+        *FAST, "trainer.steps=10", "trainer.checkpoint_every=100", "trainer.log_every=1", "trainer.spike.policy=rollback",
+        "trainer.spike.threshold=0", "trainer.spike.warmup_steps=2", "trainer.spike.max_rollbacks=1",
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match=r"^xgen: loss spike at step \d+: rolled back to step 0 2 times \(trainer.spike.max_rollbacks=1\)"):
+        run_task(cfg, tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    assert [(r["to_step"], r["times_to_this_checkpoint"]) for r in rollbacks] == [(0, 1), (0, 2)]
+    assert rollbacks[0]["step"] > 2  # the first spike came after the detector's warmup, before any periodic save
 
 
 def test_imported_parameters_start_training_like_a_reset_optimizer(tmp_path):
@@ -185,7 +203,8 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_left_in_place(tmp_path)
     assert victims
     for victim in victims:
         victim.write_bytes(b"\0garbage" * 64)
-    proc = subprocess.run([*args[:-2], "trainer.steps=4", args[-1]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    longer = [*args[:-2], "trainer.steps=4", "trainer.allow_changes=[trainer.steps]", args[-1]]  # past the config check
+    proc = subprocess.run(longer, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xgen: config error: checkpoint") and "/2" in lines[0], proc.stderr[-2000:]

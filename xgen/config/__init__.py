@@ -1,6 +1,6 @@
 """Typed configuration: the dataclasses behind `conf/` (`schema`), their registration with Hydra (`store`)."""
 
-from xgen.config.errors import ConfigError
+from xgen.config.errors import ConfigError, StorageError
 from xgen.config.schema import (
     AttentionKernel,
     CarbonConfig,
@@ -77,6 +77,7 @@ __all__ = [
     "SFTConfig",
     "SFTSourceConfig",
     "ConfigError",
+    "StorageError",
     "DataMixConfig",
     "DiffConfig",
     "EvalConfig",

@@ -391,13 +391,17 @@ class SpikeConfig:
     A step is a spike when its loss or gradient norm is more than `threshold` standard
     deviations above its running mean (exponential, `decay`), after `warmup_steps` steps.
     `log` records it; `skip` also drops the update; `rollback` restores the last checkpoint
-    and goes on with the batches after the spike. Non-finite losses or gradients never
+    and goes on with the batches after the spike (a run under it saves its starting state,
+    so there is always one). Non-finite losses or gradients never
     reach the parameters, whatever the policy."""
 
     policy: SpikePolicy = SpikePolicy.log
     threshold: float = 6.0
     decay: float = 0.99
     warmup_steps: int = 50
+    # rollback: how many times in a row the run may go back to one checkpoint; a spike that
+    # comes back after its batches were skipped is not the data's, and the run stops in one line.
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -692,6 +696,32 @@ class ServeConfig:
     # On SIGTERM: new requests get 503, running and queued rows get this long to finish,
     # then their streams end with an error event and `data: [DONE]`.
     shutdown_grace_s: float = 30.0
+    # continuous: while other requests wait for a slot, one request keeps at most this
+    # fraction of max_batch (at least one row); the rest of its rows (n choices, prompts)
+    # leave their slots, keeping their tokens, for the waiting requests. Alone, a request
+    # uses every slot. 1.0: off (a request of n=16 could hold all 8 slots for its whole run).
+    max_request_share: float = 0.5
+    # A stream's chunks generated but not sent because its client is not reading (beyond
+    # the socket's buffers); when this many wait, its rows stop and give their slots to
+    # waiting requests, and they resume once the client has read half of them.
+    stream_buffer_chunks: int = 512
+    # A connection with no request under way (new and silent, or kept alive between
+    # requests) is closed after this long, in seconds (uvicorn's keep-alive default).
+    idle_timeout_s: float = 5.0
+    # A request's line, headers and body must all arrive within this long of its first
+    # byte, or it is answered 408 and closed (a Content-Length larger than the body sent,
+    # a request trickled a byte at a time); 16 MiB bodies need 2.2 Mbit/s at the default.
+    read_timeout_s: float = 60.0
+    # A client that takes nothing of its answer for this long is disconnected and its
+    # request cancelled (a stream nobody reads).
+    stall_timeout_s: float = 30.0
+    # Open connections at most; one more is answered 503 at once and closed. 0: what the
+    # open-file limit (`ulimit -n`) leaves after the descriptors in use and a reserve, the
+    # most that can be served without accept() failing; a larger value is lowered to it.
+    max_connections: int = 0
+    # A warning repeated by many connections (the same message) is logged once per this
+    # many seconds, then one line with how many were left out; 0 logs every one.
+    log_repeat_s: float = 10.0
 
 
 @dataclass

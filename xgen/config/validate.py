@@ -35,7 +35,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("trainer.checkpoint_minutes", t.checkpoint_minutes, ">=0"), ("trainer.step_timeout_minutes", t.step_timeout_minutes, ">=0"),
         ("trainer.grad_accum_steps", t.grad_accum_steps, ">0"), ("trainer.rewarm_steps", t.rewarm_steps, ">=0"),
         ("trainer.spike.threshold", t.spike.threshold, ">0"), ("trainer.spike.decay", t.spike.decay, "(0,1)"),
-        ("trainer.spike.warmup_steps", t.spike.warmup_steps, ">=0"),
+        ("trainer.spike.warmup_steps", t.spike.warmup_steps, ">=0"), ("trainer.spike.max_rollbacks", t.spike.max_rollbacks, ">0"),
         ("loader.read_threads", cfg.loader.read_threads, ">0"), ("loader.prefetch_batches", cfg.loader.prefetch_batches, ">=0"),
         ("prepare.workers", cfg.prepare.workers, ">=0"), ("prepare.batch_documents", cfg.prepare.batch_documents, ">0"),
         ("prepare.shard_tokens", cfg.prepare.shard_tokens, ">0"),
@@ -52,7 +52,13 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("serve.max_batch", cfg.serve.max_batch, ">0"), ("serve.batch_wait_ms", cfg.serve.batch_wait_ms, ">=0"),
         ("serve.prefill_chunk", cfg.serve.prefill_chunk, ">0"), ("serve.max_queued_rows", cfg.serve.max_queued_rows, ">0"),
         ("serve.max_body_bytes", cfg.serve.max_body_bytes, ">0"), ("serve.shutdown_grace_s", cfg.serve.shutdown_grace_s, ">=0"),
+        ("serve.max_request_share", cfg.serve.max_request_share, "(0,1]"),
+        ("serve.stream_buffer_chunks", cfg.serve.stream_buffer_chunks, ">0"),
+        ("serve.idle_timeout_s", cfg.serve.idle_timeout_s, ">0"), ("serve.read_timeout_s", cfg.serve.read_timeout_s, ">0"),
+        ("serve.stall_timeout_s", cfg.serve.stall_timeout_s, ">0"), ("serve.max_connections", cfg.serve.max_connections, ">=0"),
+        ("serve.log_repeat_s", cfg.serve.log_repeat_s, ">=0"),
         ("plan.mfu", cfg.plan.mfu, "(0,1]"), ("plan.storage_bytes_per_s", cfg.plan.storage_bytes_per_s, ">0"),
+        ("seed", cfg.seed, "seed"), ("data_mix.seed", cfg.data_mix.seed, "seed"),
     ]  # fmt: skip
     for name, src in cfg.data_mix.sources.items():
         rules.append((f"data_mix.sources.{name}.weight", src.weight, ">0"))
@@ -69,7 +75,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
                   *((f"eval.passkey_lengths[{i}]", n, ">0") for i, n in enumerate(ev.passkey_lengths)),
                   *((f"eval.passkey_depths[{i}]", d, "[0,1]") for i, d in enumerate(ev.passkey_depths))]  # fmt: skip
     if cfg.sft is not None:
-        rules += [("sft.epochs", cfg.sft.epochs, ">0"), ("sft.heldout", cfg.sft.heldout, ">=0")]
+        rules += [("sft.epochs", cfg.sft.epochs, ">0"), ("sft.heldout", cfg.sft.heldout, ">=0"), ("sft.seed", cfg.sft.seed, "seed")]
     return [_in_range(key, value, rule) for key, value, rule in rules]
 
 
@@ -77,6 +83,7 @@ _RULES = {
     ">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
     "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**63, "in [0, 2**63) (JAX's keys take a 64-bit seed)"),
 }  # fmt: skip
 
 

@@ -14,7 +14,6 @@ import collections
 import functools
 import json
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -26,6 +25,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from xgen.serve.jobs import Job, Row, ServerError
+from xgen.serve.limits import TIMED_OUT
+from xgen.serve.metrics import prometheus
 from xgen.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -51,20 +52,6 @@ log = logging.getLogger(__name__)
 INLINE_PARSE_BYTES = 64 * 2**10  # larger bodies are parsed off the event loop
 DRAIN_BYTES = 64 * 2**20  # an unread body up to this size is read (and dropped) after a 413, keeping the connection
 USAGE = "xgen.usage"  # the scope key where a handler leaves (prompt, completion) tokens for the request log
-GAUGES = {
-    "queued_rows": "Rows waiting for the model.",
-    "queued_requests": "Requests with rows waiting for the model.",
-    "running_rows": "Rows the model is working on.",
-    "max_batch": "Rows the model works on together at most (serve.max_batch).",
-}
-COUNTERS = {
-    "requests": "Requests admitted by the scheduler.",
-    "rows": "Rows (one per prompt and choice) finished or failed.",
-    "generated_tokens": "Tokens generated.",
-    "prompt_tokens": "Prompt tokens of finished rows.",
-    "failed_rows": "Rows failed by the model or by shutdown.",
-    "rejected_requests": "Requests refused with 429 (queue full) or 503 (shutting down).",
-}
 
 
 class JSON(Response):
@@ -110,8 +97,8 @@ def guarded(endpoint):
             return await endpoint(self, request)
         except RequestError as ex:
             return error_response(ex, close=getattr(ex, "close", False))
-        except ClientDisconnect:  # gone while sending its body: nobody reads an answer
-            return Response(status_code=499)
+        except ClientDisconnect:  # gone while sending its body, or too slow to (limits.py): nobody reads an answer
+            return Response(status_code=408 if request.scope.get(TIMED_OUT) else 499)
         except ServerError as ex:
             return error_response(server_error(ex))
         except Exception as ex:  # noqa: BLE001 - one request fails, the server keeps serving
@@ -132,6 +119,42 @@ def _hand_over(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
 def _settle(future: asyncio.Future, value) -> None:
     if not future.done():
         future.set_result(value)
+
+
+class StreamBuffer:
+    """A stream's events not yet sent. While its client reads, this stays near empty; when it
+    stops, the socket's buffers fill, sending waits, and text chunks pile up here: past
+    `limit` of them the job is paused (its rows stop and give their slots to waiting
+    requests; counted as paused_streams and logged), and it resumes once the client has
+    taken half of them. A client that takes nothing for serve.stall_timeout_s is
+    disconnected (limits.py), which cancels the job."""
+
+    def __init__(self, batcher, limit: int, request: Request):
+        self.batcher, self.limit, self.request = batcher, limit, request
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.job: Job | None = None
+        self.chunks = 0  # text events waiting
+
+    def put(self, event) -> None:
+        """On the event loop: an event from the scheduler."""
+        self.queue.put_nowait(event)
+        if event[0] != "text":
+            return
+        self.chunks += 1
+        job = self.job
+        if self.chunks > self.limit and job is not None and not (job.paused or job.finished or job.cancelled):
+            client = self.request.client
+            log.warning("paused a stream to %s: its client has not read %d chunks (serve.stream_buffer_chunks); its rows wait",
+                        f"{client.host}:{client.port}" if client else "a client", self.chunks)  # fmt: skip
+            self.batcher.pause(job)
+
+    async def get(self):
+        event = await self.queue.get()
+        if event[0] == "text":
+            self.chunks -= 1
+            if self.job is not None and self.job.paused and self.chunks <= self.limit // 2:
+                self.batcher.resume(self.job)
+        return event
 
 
 async def _disconnected(request: Request) -> None:
@@ -254,7 +277,7 @@ class OpenAIApp:
         finally:
             gone.cancel()
             if not done.done():
-                job.cancelled = True
+                self.srv.batcher.cancel(job)
         if not done.done():
             return None
         if done.result()[0] == "error":
@@ -271,12 +294,12 @@ class OpenAIApp:
     @guarded
     async def health(self, request: Request) -> Response:
         status = "shutting_down" if self.closing else "ok"
-        body = {"status": status, "model": self.srv.model_name, **self.srv.batcher.counters()}
+        body = {"status": status, "model": self.srv.model_name, **self.srv.counters()}
         return JSON(body, status_code=503 if self.closing else 200)
 
     @guarded
     async def metrics(self, request: Request) -> Response:
-        text = prometheus(self.srv.batcher.counters(), self.responses)
+        text = prometheus(self.srv.counters(), self.responses)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @guarded
@@ -344,13 +367,13 @@ class OpenAIApp:
                 include_usage: bool, prompt_tokens: int) -> StreamingResponse:  # fmt: skip
         """Submit (a refusal is still a JSON error) and answer with Server-Sent Events."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = self._submit(rows, n, True, lambda e: _hand_over(loop, events.put_nowait, e))
+        events = StreamBuffer(self.srv.batcher, self.srv.stream_buffer_chunks, request)
+        events.job = job = self._submit(rows, n, True, lambda e: _hand_over(loop, events.put, e))
         body = self._events(request, job, events, rid, kind, first, include_usage, prompt_tokens)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers the stream
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
-    async def _events(self, request: Request, job: Job, events: asyncio.Queue, rid: str, kind: str,
+    async def _events(self, request: Request, job: Job, events: "StreamBuffer", rid: str, kind: str,
                       first: list[tuple[int, str]], include_usage: bool, prompt_tokens: int) -> AsyncIterator[bytes]:  # fmt: skip
         """One chunk per text delta as the scheduler reports it, a chunk with each choice's
         finish_reason, optionally usage, then `data: [DONE]`; a failure (the model's, or the
@@ -395,36 +418,5 @@ class OpenAIApp:
             yield sse("[DONE]")
         finally:
             if not job.finished:  # the client went away: drop its rows
-                job.cancelled = True
+                self.srv.batcher.cancel(job)
             self._usage(request, job, prompt_tokens)
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def prometheus(counters: dict, responses: collections.Counter) -> str:
-    """The scheduler's counters and the HTTP responses in Prometheus's text exposition format
-    (version 0.0.4): gauges for what waits and runs now, counters (`_total`) for the rest."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, about: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP {name} {about}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
-
-    for key, value in counters.items():
-        key = re.sub(r"[^a-zA-Z0-9_]", "_", key)
-        if isinstance(value, str):  # e.g. which scheduler: a constant 1 labelled with it
-            label = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-            metric(f"xgen_{key}_info", "gauge", f"The server's {key}.", [(f'{{{key}="{label}"}}', 1)])
-        elif not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        elif key == "tokens_per_s":
-            metric("xgen_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.", [("", value)])
-        elif key in GAUGES:
-            metric(f"xgen_{key}", "gauge", GAUGES[key], [("", value)])
-        else:
-            metric(f"xgen_{key}_total", "counter", COUNTERS.get(key, f"The scheduler's {key} count."), [("", value)])
-    samples = [(f'{{route="{route}",code="{code}"}}', n) for (route, code), n in sorted(responses.items())]
-    metric("xgen_http_responses_total", "counter", "HTTP responses by route and status code.", samples)
-    return "\n".join(lines) + "\n"

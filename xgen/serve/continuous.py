@@ -13,6 +13,15 @@ The worker keeps a `SlotCache` of `max_batch` slots. Each step it
 4. scores, in one `engine.score` call, the rows whose echoed text needs log-probabilities
    (after they finish generating, or at once when they generate nothing).
 
+Before admitting, it makes room for requests that wait (`_make_room`): rows of a paused
+job (its stream's client is not reading) stop computing but keep their slot until a waiting
+request needs it, and a request holding more than its share (`share_rows`) gives up its
+least advanced row to a waiting request holding less. A row taken out of its slot keeps its
+tokens (`Row.progress`) and resumes by prefilling its prompt again and feeding its tokens
+back one per decoding step, each the same program, position and sampler step as the first
+time (a resampled token that differs is counted as `replay_mismatches` and the one already
+sent is kept), so a preempted row still ends with the tokens of generating it alone.
+
 A row's tokens are those of `Engine.generate` for that prompt alone: its slot holds only
 its own keys and values, its positions start at 0, and its sampler folds its own seed with
 its own step (tests/serve/test_continuous.py checks the greedy tokens are identical).
@@ -20,8 +29,9 @@ its own step (tests/serve/test_continuous.py checks the greedy tokens are identi
 
 from __future__ import annotations
 
+import collections
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,21 +55,37 @@ class _Active:
     completion: Completion
     prefilled: int = 0  # prompt tokens in the cache
     token: int = -1  # the last sampled token, not yet in the cache (-1: still prefilling)
+    forced: list[int] = field(default_factory=list)  # resuming: its tokens still to feed back, in order
 
     @property
     def length(self) -> int:
         """Tokens in the cache: the whole prompt, then one more per decoding step."""
-        return self.prefilled + len(self.completion.token_logprobs) - 1 if self.token >= 0 else self.prefilled
+        if self.token < 0:
+            return self.prefilled
+        return self.prefilled + self.step - 1
+
+    @property
+    def step(self) -> int:
+        """The sampler's step of the token it samples next (tokens accepted so far)."""
+        return len(self.completion.token_logprobs) - len(self.forced)
+
+    def leave_slot(self) -> None:
+        """Forget the cache: on its return it prefills its prompt again, then feeds back the
+        tokens it had accepted (its text, logprobs and stream position stay as they are)."""
+        self.forced = list(self.text.ids)  # every token it accepted (none while first prefilling)
+        self.prefilled, self.token = 0, -1
 
 
 class ContinuousBatcher(Scheduler):
     kind = "continuous"
 
-    def __init__(self, engine, max_batch: int = 8, *, prefill_chunk: int = 128, max_queued_rows: int = 4096):
+    def __init__(self, engine, max_batch: int = 8, *, prefill_chunk: int = 128, max_queued_rows: int = 4096,
+                 max_request_share: float = 0.5):  # fmt: skip
         self.prefill_chunk = prefill_chunk
         self.cache: SlotCache | None = None
-        super().__init__(engine, max_batch, max_queued_rows)
-        self.count(steps=0, prefill_calls=0, score_calls=0, failed_steps=0)
+        super().__init__(engine, max_batch, max_queued_rows, max_request_share)
+        self.count(steps=0, prefill_calls=0, score_calls=0, failed_steps=0, preempted_rows=0, replayed_tokens=0,
+                   replay_mismatches=0)  # fmt: skip
 
     def _loop(self) -> None:
         self.cache = cache = SlotCache(self.engine, self.max_batch, self.prefill_chunk, PREFILL_PIECES)
@@ -70,20 +96,25 @@ class ContinuousBatcher(Scheduler):
         )  # fmt: skip
         to_score: list[Row] = []
         while self.wait_for_work():
-            free = [i for i, s in enumerate(slots) if s is None]
-            for row in self.take(len(free)):
-                if row.settings.max_new_tokens == 0:
-                    to_score.append(row)
-                    continue
-                i = free.pop(0)
-                slots[i] = _Active(row, RowText(self.engine.tokenizer, row.settings.stop), Completion(list(row.prompt)))
-                s = row.settings
-                sampling["seeds"][i], sampling["temperature"][i] = s.seed, s.temperature
-                sampling["top_k"][i], sampling["top_p"][i] = s.top_k, s.top_p
             for i, a in enumerate(slots):
                 if a is not None and (a.row.job.cancelled or a.row.job.finished):
                     slots[i] = None  # the client went away, or another row of its request failed
                     self.finished(a.row)
+            self._make_room(slots)
+            free = [i for i, s in enumerate(slots) if s is None]
+            held = collections.Counter(a.row.job for a in slots if a is not None)
+            for row in self.take(len(free), held=held):
+                if row.settings.max_new_tokens == 0:
+                    to_score.append(row)
+                    continue
+                i = free.pop(0)
+                a, row.progress = row.progress, None
+                if a is None:
+                    a = _Active(row, RowText(self.engine.tokenizer, row.settings.stop), Completion(list(row.prompt)))
+                slots[i] = a
+                s = row.settings
+                sampling["seeds"][i], sampling["temperature"][i] = s.seed, s.temperature
+                sampling["top_k"][i], sampling["top_p"][i] = s.top_k, s.top_p
             try:
                 self._prefill(cache, slots, sampling, to_score)
                 self._decode(cache, slots, sampling, to_score)
@@ -99,12 +130,44 @@ class ContinuousBatcher(Scheduler):
                 slots, to_score = [None] * cache.rows, []
                 cache.reset()
 
+    def _make_room(self, slots: list) -> None:
+        """Free slots for waiting requests (one per waiting request and step): first those of
+        paused jobs' rows, then, for a request under its share, the least advanced row of the
+        request holding the most beyond its share. Each goes back to its queue (put_back)."""
+        waiting = self.waiting_jobs()
+        free = sum(a is None for a in slots)
+        if len(waiting) <= free:
+            return
+        held = collections.Counter(a.row.job for a in slots if a is not None)
+        share = self.share_rows
+        paused = sorted((i for i, a in enumerate(slots) if a is not None and a.row.job.paused), key=lambda i: slots[i].length)
+        out = paused[: len(waiting) - free]
+        for i in out:
+            held[slots[i].row.job] -= 1
+        want = sum(held[job] < share for job in waiting) - free - len(out)
+        while want > 0:
+            job, n = max(held.items(), key=lambda jn: jn[1], default=(None, 0))
+            if n <= share:
+                break
+            i = min((i for i, a in enumerate(slots) if a is not None and a.row.job is job and i not in out),
+                    key=lambda i: slots[i].length)  # fmt: skip
+            out.append(i)
+            held[job] -= 1
+            want -= 1
+        for i in out:
+            a, slots[i] = slots[i], None
+            a.leave_slot()
+            a.row.progress = a
+            self.put_back(a.row)
+        if out:
+            self.count(preempted_rows=len(out))
+
     def _arrays(self, sampling: dict, index, steps) -> tuple:
         return (sampling["seeds"][index], np.asarray(steps, np.int32), sampling["temperature"][index],
                 sampling["top_k"][index], sampling["top_p"][index])  # fmt: skip
 
     def _prefill(self, cache: SlotCache, slots: list, sampling: dict, to_score: list) -> None:
-        entering = [(i, a) for i, a in enumerate(slots) if a is not None and a.token < 0]
+        entering = [(i, a) for i, a in enumerate(slots) if a is not None and a.token < 0 and not a.row.job.paused]
         entering = sorted(entering, key=lambda ia: ia[1].prefilled)[: cache.pieces]  # oldest (furthest along) first
         if not entering:
             return
@@ -119,7 +182,7 @@ class ContinuousBatcher(Scheduler):
                 self._accept(slots, i, sampled, n, to_score)
 
     def _decode(self, cache: SlotCache, slots: list, sampling: dict, to_score: list) -> None:
-        decoding = [i for i, a in enumerate(slots) if a is not None and a.token >= 0]
+        decoding = [i for i, a in enumerate(slots) if a is not None and a.token >= 0 and not a.row.job.paused]
         if not decoding:
             return
         tokens, lengths, steps = (np.zeros(cache.rows, np.int32) for _ in range(3))
@@ -130,7 +193,7 @@ class ContinuousBatcher(Scheduler):
                 lengths[i] = a.length
         for i in decoding:
             a = slots[i]
-            tokens[i], steps[i] = a.token, len(a.completion.token_logprobs)
+            tokens[i], steps[i] = a.token, a.step
         sampled = cache.decode(tokens, lengths, self._arrays(sampling, slice(None), steps))
         self.count(steps=1)
         for i in decoding:
@@ -141,6 +204,12 @@ class ContinuousBatcher(Scheduler):
         ids, lp, top_ids, top_lp = sampled
         a = slots[i]
         row, c, token = a.row, a.completion, int(ids[n])
+        if a.forced:  # resuming: this token was accepted (and sent) before the row left its slot
+            a.token = a.forced.pop(0)
+            self.count(replayed_tokens=1, replay_mismatches=int(token != a.token))
+            if token != a.token:
+                log.warning("a resumed row sampled another token than before it left its slot; it keeps the one it had")
+            return
         self.produced(1)
         done = False
         if token == self.engine.tokenizer.eos_id:

@@ -29,6 +29,9 @@ class Row:
     completion: Completion | None = None
     job: "Job | None" = field(default=None, repr=False)
     index: int = 0
+    # What the scheduler keeps of a row it took out of its slot before it finished (tokens
+    # generated, text streamed), so that the row resumes where it was (continuous.py).
+    progress: object = field(default=None, repr=False)
 
     def sequence(self, eos: int) -> list[int]:
         """What `score` runs over: the prompt and what was generated, with the end-of-text
@@ -62,6 +65,7 @@ class Job:
         self.events: queue.Queue | None = queue.Queue() if stream and on_event is None else None
         self.error: ServerError | None = None
         self.cancelled = False  # the client went away: rows not yet started are skipped, running ones retired
+        self.paused = False  # a stream's client is not reading: its rows wait (Scheduler.pause)
         self._left = len(rows)
         self._done = threading.Event()
         self._lock = threading.Lock()

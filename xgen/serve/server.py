@@ -6,26 +6,31 @@ serves from a background thread, and `close(grace_s)` stops the way a deployment
 the listening socket closes and idle connections with it, new requests get 503, queued and
 running rows get `grace_s` seconds to finish, and whatever still runs then ends with 503
 (a stream with an error event and `data: [DONE]`, never a cut stream).
+
+No client holds more than its part: connections time out and are bounded (limits.py),
+a request's rows hold at most their share of the slots while others wait, and a stream
+whose client does not read is paused (scheduling.py, continuous.py, app.py); repeated
+warnings are rate-limited (logs.py), asyncio's accept-loop errors included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import socket
 import threading
 import time
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from xgen.config import ChatTemplateConfig, XGenConfig
+from xgen.config import ChatTemplateConfig, ConfigError, XGenConfig
 from xgen.generate import Engine
 from xgen.serve.app import OpenAIApp
-from xgen.serve.protocol import Limits, RequestError
+from xgen.serve.limits import ACCEPT_BATCH, Connection, Limits, connection_bound
+from xgen.serve.logs import REPEATS
+from xgen.serve.protocol import Limits as RequestLimits
 from xgen.serve.scheduling import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -33,23 +38,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 2**20
 BACKLOG = 2048  # connections the kernel queues before they are accepted (capped by net.core.somaxconn)
 STOP_TIMEOUT_S = 60.0  # after the grace: how long the scheduler's last batch may take before streams are cancelled
-
-
-class _H11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, with the one reply it writes itself, the 400 for a request h11
-    cannot parse (a bad Content-Length, a malformed request line or header), as OpenAI's
-    JSON error object like every other answer."""
-
-    def send_400_response(self, msg: str) -> None:
-        error = RequestError("invalid HTTP request (malformed request line, header or Content-Length)")
-        body = json.dumps(error.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-        try:
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-        except h11.LocalProtocolError:  # a response had already started
-            pass
-        self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -96,57 +84,98 @@ class XGenServer:
         default_max_tokens: int = 128,
         max_body_bytes: int = MAX_BODY_BYTES,
         shutdown_grace_s: float = 30.0,
-        timeout_keep_alive: float = 5.0,
+        max_request_share: float = 0.5,
+        stream_buffer_chunks: int = 512,
+        idle_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        stall_timeout_s: float = 30.0,
+        max_connections: int = 0,
+        log_repeat_s: float = 10.0,
     ):
+        for name, value, ok, rule in [
+            ("max_request_share", max_request_share, 0 < max_request_share <= 1, "in (0, 1]"),
+            ("stream_buffer_chunks", stream_buffer_chunks, stream_buffer_chunks >= 2, ">= 2"),
+            ("idle_timeout_s", idle_timeout_s, idle_timeout_s > 0, "> 0"),
+            ("read_timeout_s", read_timeout_s, read_timeout_s > 0, "> 0"),
+            ("stall_timeout_s", stall_timeout_s, stall_timeout_s > 0, "> 0"),
+            ("max_connections", max_connections, max_connections >= 0, ">= 0 (0: what the open-file limit allows)"),
+            ("log_repeat_s", log_repeat_s, log_repeat_s >= 0, ">= 0 (0: log every line)"),
+        ]:
+            if not ok:
+                raise ConfigError(f"serve.{name}={value} is out of range: it must be {rule}")
         self.engine, self.model_name = engine, model_name
         self.template = template or ChatTemplateConfig()
         self.default_max_tokens, self.max_body_bytes, self.shutdown_grace_s = default_max_tokens, max_body_bytes, shutdown_grace_s
-        self.limits = Limits(engine.max_len, getattr(engine, "vocab_limit", engine.tokenizer.n_tokens))
+        self.stream_buffer_chunks, self.log_repeat_s = stream_buffer_chunks, log_repeat_s
+        self.limits = RequestLimits(engine.max_len, getattr(engine, "vocab_limit", engine.tokenizer.n_tokens))
+        self.connection_limits = Limits(idle_timeout_s, read_timeout_s, stall_timeout_s, connection_bound(max_connections))
         self.socket = _listen(host, port)
         try:
             self.batcher = make_scheduler(engine, str(scheduler), max_batch=max_batch, prefill_chunk=prefill_chunk,
-                                          batch_wait_ms=batch_wait_ms, max_queued_rows=max_queued_rows)  # fmt: skip
+                                          batch_wait_ms=batch_wait_ms, max_queued_rows=max_queued_rows,
+                                          max_request_share=max_request_share)  # fmt: skip
         except BaseException:
             self.socket.close()
             raise
         self.app = OpenAIApp(self)
         config = uvicorn.Config(
-            self.app, http=_H11Protocol, ws="none", lifespan="off", interface="asgi3",
-            log_config=None, access_log=False,  # app.py logs one line per request through `logging`
-            backlog=BACKLOG, timeout_keep_alive=timeout_keep_alive, proxy_headers=False,
+            self.app, http=functools.partial(Connection, limits=self.connection_limits), ws="none", lifespan="off",
+            interface="asgi3", log_config=None, access_log=False,  # app.py logs one line per request through `logging`
+            backlog=ACCEPT_BATCH, timeout_keep_alive=idle_timeout_s, proxy_headers=False,  # start() sets BACKLOG again
             server_header=False, headers=[("server", "xgen")],
         )  # fmt: skip
         self._uvicorn = _Server(config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._previous_log_repeat_s: float | None = None  # the rate limit's interval before start()
 
     @property
     def url(self) -> str:
         host, port = self.socket.getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def counters(self) -> dict[str, float | str]:
+        """The scheduler's counters, the connections' (open now, closed idle, timed out,
+        stalled, refused) and the log lines left out by the rate limit (on the event loop)."""
+        open_now = len(self._uvicorn.server_state.connections)
+        return {**self.batcher.counters(), **self.connection_limits.counts, "open_connections": open_now,
+                "max_connections": self.connection_limits.max_connections, "suppressed_log_lines": REPEATS.left_out}  # fmt: skip
+
     def start(self) -> "XGenServer":
         """Serve from a background thread (task=serve, tests, notebooks); `close()` stops it."""
         if self._thread is None:
+            self._previous_log_repeat_s = REPEATS.install(self.log_repeat_s)
             self._thread = threading.Thread(target=self._serve, name="xgen-http", daemon=True)
             self._thread.start()
             while not self._uvicorn.started:
                 if not self._thread.is_alive():
                     raise RuntimeError("the HTTP server did not start (see the log)")
                 time.sleep(0.01)
+            self.socket.listen(BACKLOG)  # asyncio listened with its accept batch (limits.ACCEPT_BATCH)
         return self
 
     def _serve(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_loop_error)
+        loop.call_soon(self._flush_logs)
         try:
             loop.run_until_complete(self._uvicorn.serve(sockets=[self.socket]))
         except BaseException:  # noqa: BLE001 - uvicorn exits on a failed startup
             log.exception("the HTTP server stopped")
         finally:
+            for transport in list(self.connection_limits.lingering):  # refused connections still being read
+                transport.abort()
+            loop.run_until_complete(asyncio.sleep(0))  # their connection_lost
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    def _flush_logs(self) -> None:
+        """Every `log_repeat_s`: one line for each warning the rate limit left out."""
+        if self.log_repeat_s > 0 and self._loop is not None:
+            REPEATS.flush()
+            self._loop.call_later(self.log_repeat_s, self._flush_logs)
 
     def _stop_listening(self) -> None:
         for server in getattr(self._uvicorn, "servers", []):
@@ -171,6 +200,19 @@ class XGenServer:
             self._thread.join()
             self._thread = None
         self.socket.close()
+        REPEATS.flush(everything=True)
+        if self._previous_log_repeat_s is not None and REPEATS.interval_s == self.log_repeat_s:
+            REPEATS.interval_s = self._previous_log_repeat_s
+
+
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's errors of the listening socket in one line (rate-limited), not a traceback:
+    out of file descriptors, its accept loop logs one per attempt, thousands a second."""
+    message, error = context.get("message", ""), context.get("exception")
+    if isinstance(error, OSError) or "_start_serving" in message or "_accept_connection" in message:
+        log.error("the event loop: %s: %s", message.splitlines()[0][:200] if message else "-", f"{type(error).__name__}: {error}")
+    else:
+        loop.default_exception_handler(context)
 
 
 def make_server(engine: Engine, cfg: XGenConfig, **overrides) -> XGenServer:
@@ -189,5 +231,12 @@ def make_server(engine: Engine, cfg: XGenConfig, **overrides) -> XGenServer:
         default_max_tokens=cfg.generate.max_new_tokens,
         max_body_bytes=s.max_body_bytes,
         shutdown_grace_s=s.shutdown_grace_s,
+        max_request_share=s.max_request_share,
+        stream_buffer_chunks=s.stream_buffer_chunks,
+        idle_timeout_s=s.idle_timeout_s,
+        read_timeout_s=s.read_timeout_s,
+        stall_timeout_s=s.stall_timeout_s,
+        max_connections=s.max_connections,
+        log_repeat_s=s.log_repeat_s,
     )
     return XGenServer(engine, **{**kw, **overrides})

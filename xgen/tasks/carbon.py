@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from xgen.config import ConfigError, XGenConfig
+from xgen.config.saved import read_saved_config
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,16 @@ def footprint(chip_hours: float, chip_power_w: float, pue: float, tco2_per_mwh: 
 
 
 def _run_chips(run_dir: Path, default: int) -> int:
-    """Chips of the run that wrote `run_dir` (its saved Hydra config), else `default`."""
+    """Chips of the run that wrote `run_dir` (its saved Hydra config), else `default`. The
+    run may be someone else's: its config is read as untrusted input (`read_saved_config`)."""
     saved = run_dir / ".hydra" / "config.yaml"
-    if saved.exists():
-        from omegaconf import OmegaConf
-
-        return int(OmegaConf.load(saved).hardware.num_devices)
-    return default
+    if not saved.exists():
+        return default
+    hardware = read_saved_config(saved).get("hardware")
+    chips = hardware.get("num_devices") if isinstance(hardware, dict) else None
+    if isinstance(chips, bool) or not isinstance(chips, int) or chips < 1:
+        raise ConfigError(f"{saved}: hardware.num_devices is {chips!r}, not a number of chips")
+    return chips
 
 
 def chip_hours_of(cfg: XGenConfig) -> tuple[float, str]:

@@ -9,6 +9,11 @@ a YAML file, or, left out, the config this very command composes (its own `task`
 keys aside). Between two run directories their provenance.json files are compared too. Only
 differences are printed (`diff.json=true`: one JSON object); the exit code says whether there
 were any: 0 equal, 1 different (usable in CI), 2 bad input (one line).
+
+A file may be someone else's run, so it is read as data (xgen/config/saved.py): its own
+`${a.b}` interpolations are resolved, but no resolver runs (`${oc.env:HOME}` is compared and
+printed as written), and an alias bomb, an empty file or a top level that is not a mapping
+is refused in one line.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from xgen.config import ConfigError, XGenConfig
 from xgen.config.changes import ABSENT, change_line, key_changes
+from xgen.config.saved import read_saved_config
 
 # Never compared: the diff task's own settings, and Hydra's node should a YAML carry it.
 SKIPPED = ("diff", "hydra")
@@ -84,29 +90,25 @@ def _read_provenance(run_dir: Path, where: str) -> dict | None:
 
 
 def load_side(spec: str, where: str) -> Side:
-    """A run directory, a YAML file or a snapshot's name; ConfigError naming `where` otherwise."""
-    from xgen.config.snapshots import SNAPSHOT_DIR, parse
+    """A run directory, a YAML file or a snapshot's name; ConfigError naming `where` otherwise.
+    Each is read by `read_saved_config`: someone else's run may be diffed, so no resolver in
+    it runs (an `${oc.env:...}` is compared as written, never as this machine's secret) and
+    an alias bomb, an empty file or a list is refused in one line."""
+    from xgen.config.snapshots import SNAPSHOT_DIR
 
     path = Path(spec)
     if path.is_dir():
         saved = path / ".hydra" / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"{where}={spec}: no .hydra/config.yaml there, so not a run directory")
-        return Side(f"run {spec}", parse(_read(saved, where), f"{where}={saved}"), _read_provenance(path, f"{where}={spec}"))
+        return Side(f"run {spec}", read_saved_config(saved, f"{where}={saved}"), _read_provenance(path, f"{where}={spec}"))
     if path.is_file():
-        return Side(f"file {spec}", parse(_read(path, where), f"{where}={spec}"))
+        return Side(f"file {spec}", read_saved_config(path, f"{where}={spec}"))
     snapshot = SNAPSHOT_DIR / f"{spec.removesuffix('.yaml')}.yaml"
     if "/" not in spec and snapshot.is_file():
-        return Side(f"snapshot {snapshot.stem}", parse(_read(snapshot, where), f"{where}={spec}"))
+        return Side(f"snapshot {snapshot.stem}", read_saved_config(snapshot, f"{where}={spec}"))
     names = ", ".join(sorted(p.stem for p in SNAPSHOT_DIR.glob("*.yaml"))) or f"none in {SNAPSHOT_DIR}"
     raise ConfigError(f"{where}={spec}: no such run directory, YAML file or snapshot (snapshots: {names})")
-
-
-def _read(path: Path, where: str) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as ex:
-        raise ConfigError(f"{where}: cannot read {path} ({ex})") from None
 
 
 def compare(a: Side, b: Side) -> DiffResult:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xgen import checkpoint
-from xgen.config import ConfigError, XGenConfig
+from xgen.config import ConfigError, StorageError, XGenConfig
 from xgen.config.validate import mesh_shape
 from xgen.data.batches import Batches, BatchSource
 from xgen.runtime import Runtime
@@ -228,6 +228,7 @@ class Trainer:
         primary = jax.process_index() == 0
         goodput = Goodput(self.run_dir, primary=primary)
         self._pending_events, self._allowed_changes = [], {}
+        self._rollbacks_to: dict[int, int] = {}  # checkpoint step -> rollbacks to it in a row
         ckpt_dir = self.run_dir / "checkpoints"
         done = checkpoint.latest_step(ckpt_dir)
         if done is not None and done >= self.steps:
@@ -235,6 +236,7 @@ class Trainer:
             if finished is not None:
                 return self._summary(self.steps, None, t_start, t_start)
             done = checkpoint.latest_step(ckpt_dir)
+        checkpoint.check_room(ckpt_dir, self.state_bytes())  # before any work: not at the first save
         # The schedule from the newest checkpoint's record, before compiling (a fallback to an
         # older checkpoint with another record recompiles: see below).
         self._use_schedule(self._schedule_for(self._newest_meta(done), done or 0))
@@ -272,12 +274,16 @@ class Trainer:
                 self._pending_events.append({"event": "config_change", "step": start, "changes": changes})
             self._flush_events(metrics_log)
             self._note_extension(meta, start, metrics_log)
+            if cfg.trainer.spike.policy == "rollback" and meta is None:
+                # The policy needs a checkpoint to go back to from its first step on: the start.
+                with goodput.timing("checkpoint"):
+                    self._save(mngr, state, batches, metrics_log)
             stop = StopRequest()
             cleanup.callback(stop.restore)
             loop = _LoopParts(data, batches, mngr, metrics_log, stop, goodput, watchdog, trace)
             train_t0 = time.perf_counter()
             step, last, stopped = self._loop(compiled, state, start, train_t0, loop)
-            with goodput.timing("checkpoint"):
+            with goodput.timing("checkpoint"), self._writing(step):
                 mngr.wait_until_finished()
             goodput.since_mark("other")  # what the loop did not account for itself
             log.info(summary_line(goodput.write(step), len(goodput.attempts)))
@@ -286,6 +292,11 @@ class Trainer:
             log.warning("%s: saved a checkpoint at step %d of %d; run the same command to resume", name, step, self.steps)
             raise SystemExit(128 + stop.signum)
         return self._summary(start, last, t_start, train_t0)
+
+    def state_bytes(self) -> int:
+        """Bytes of the whole train state (parameters, optimizer moments, statistics): what
+        one checkpoint writes, over all hosts."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
 
     def _newest_meta(self, step: int | None) -> dict | None:
         """The newest checkpoint's metadata, or None (none, or unreadable: the restore will
@@ -307,6 +318,12 @@ class Trainer:
         step = restored[2] if restored is not None else None
         if step is None or step < self.steps:
             return None  # the damage is recorded once the run resumes
+        if step > self.steps:  # summary.json stays the run's own
+            raise ConfigError(
+                f"trainer.steps={self.cfg.trainer.steps} ends this run at step {self.steps}, but its checkpoint in "
+                f"{self.run_dir / 'checkpoints'} is already at step {step}: set trainer.steps so that the run ends "
+                f"at step {step} or later, or start a new run directory (hydra.run.dir=...)"
+            )
         if self._pending_events:
             metrics_log = MetricsLog(self.run_dir, tensorboard=False, resume_step=step, primary=jax.process_index() == 0)
             self._flush_events(metrics_log)
@@ -388,7 +405,25 @@ class Trainer:
             log.error(message)
             return
         meta = {"config": dataclasses.asdict(self.cfg), "step": step, "schedule": [list(r) for r in self.schedule_record]}
-        checkpoint.save(mngr, step, self.runtime.to_disk(state), batches.get_state(), meta)
+        with self._writing(step):  # also where an earlier save's failure in the background surfaces
+            checkpoint.save(mngr, step, self.runtime.to_disk(state), batches.get_state(), meta)
+
+    @contextlib.contextmanager
+    def _writing(self, step: int):
+        """A save that fails for the storage's sake (full, read-only, quota) as one line naming
+        the path and the cause; the newest committed checkpoint is untouched (orbax writes into
+        a temporary directory and renames it only when complete)."""
+        try:
+            yield
+        except Exception as ex:  # noqa: BLE001 - orbax wraps the OSError in its own types
+            cause = checkpoint.storage_error(ex)
+            if cause is None:
+                raise
+            newest = checkpoint.latest_step(self.run_dir / "checkpoints")
+            raise StorageError(
+                f"the checkpoint of step {step} cannot be written: {cause.strerror} ({cause.filename}); the newest "
+                f"good checkpoint is step {newest}: free space or fix the mount, then run the same command to resume"
+            ) from None
 
     def _restore_latest(self, mngr, move_damaged: bool = False) -> tuple[TrainState, dict, int, dict] | None:
         """`checkpoint.restore_latest` in the checkpoints' per-layer layout, returned as the
@@ -432,6 +467,10 @@ class Trainer:
         """This run's newest good checkpoint (with the data position) and its metadata, if the
         command still describes its run; else the stage it starts from (model, optimizer and
         step; its own data chunk from the start); else a fresh init (metadata None for both)."""
+        newest = checkpoint.latest_step(self.run_dir / "checkpoints")
+        newest_meta = self._newest_meta(newest)
+        if newest_meta is not None:  # a changed model refused by its keys before its arrays are read
+            check_resume(newest_meta.get("config", {}), self.cfg, f"{self.run_dir} at step {newest}")
         restored = self._restore_latest(mngr, move_damaged=True)
         if restored is not None:
             state, data_state, step, meta = restored
@@ -460,15 +499,24 @@ class Trainer:
 
     def _rollback(self, mngr, state: TrainState, step: int, metrics_log: MetricsLog) -> tuple[TrainState, int]:
         """Back to the newest checkpoint's model and optimizer; the data goes on after the spike."""
-        mngr.wait_until_finished()  # the newest save committed, so that it is the one restored
+        with self._writing(step):
+            mngr.wait_until_finished()  # the newest save committed, so that it is the one restored
         restored = self._restore_latest(mngr, move_damaged=True)
-        if restored is None:
-            log.warning("loss spike at step %d: no checkpoint to roll back to; the update was skipped", step)
-            return state, step
+        if restored is None:  # the run saves its start under this policy: every checkpoint has gone
+            raise SystemExit(f"xgen: loss spike at step {step}: no checkpoint to roll back to in {self.run_dir / 'checkpoints'}")
         back, _, back_step, _ = restored
         self._flush_events(metrics_log)
+        again = self._rollbacks_to.get(back_step, 0) + 1
+        self._rollbacks_to = {back_step: again}
+        metrics_log.event({"event": "rollback", "step": step, "to_step": back_step, "times_to_this_checkpoint": again})
+        if again > self.cfg.trainer.spike.max_rollbacks:
+            raise SystemExit(
+                f"xgen: loss spike at step {step}: rolled back to step {back_step} {again} times "
+                f"(trainer.spike.max_rollbacks={self.cfg.trainer.spike.max_rollbacks}); the spikes come back "
+                "after the skipped batches, so they are not the data's: lower optimizer.lr, or check "
+                "trainer.spike's threshold and warmup_steps"
+            )
         log.warning("loss spike at step %d: rolled back to step %d; batches of steps %d-%d skipped", step, back_step, back_step + 1, step)
-        metrics_log.event({"event": "rollback", "step": step, "to_step": back_step})
         metrics_log.truncate(back_step)
         return back, back_step
 
@@ -502,9 +550,10 @@ class Trainer:
         if jax.process_index() == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if trained:
+            loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
             log.info(
-                "done: %d steps (%d this run), final loss %.4f, %s tokens/s, wall time %.1f s; run dir %s",
-                self.steps, trained, summary["final_loss"], f"{summary['tokens_per_s']:,.0f}", wall, self.run_dir,
+                "done: %d steps (%d this run), final loss %s, %s tokens/s, wall time %.1f s; run dir %s",
+                self.steps, trained, loss, f"{summary['tokens_per_s']:,.0f}", wall, self.run_dir,
             )  # fmt: skip
         else:
             log.info("nothing to do: the checkpoint in %s is already at step %d", self.run_dir, self.steps)
