@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -147,13 +148,15 @@ def check_room(directory: Path, needed_bytes: int) -> None:
     `needed_bytes` (the state's size), so a run never trains for hours to fail at its first save."""
     if directory.exists() and not directory.is_dir():
         raise StorageError(f"checkpoints cannot be written to {directory}: it is a file, not a directory")
-    probe = directory / f".write-probe-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"xgen")
-        probe.unlink()
+        # A name no other host's probe can have (pids repeat across containers of a pod).
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.write(fd, b"xgen")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as ex:
-        raise StorageError(f"checkpoints cannot be written to {directory}: {ex.strerror or ex} ({ex.filename or probe})") from None
+        raise StorageError(f"checkpoints cannot be written to {directory}: {ex.strerror or ex} ({ex.filename or directory})") from None
     free = shutil.disk_usage(directory).free
     if free < needed_bytes:
         raise StorageError(
@@ -325,9 +328,7 @@ def restore_latest(
     for step in steps:
         try:
             state, data, meta = _restore_step(mngr, step, abstract_state)
-        except ShapeMismatch:
-            raise
-        except ConfigError as ex:
+        except ConfigError as ex:  # a ShapeMismatch too: damage to the metadata looks alike
             log.error("%s; trying the checkpoint before it", ex)
             problems.append(str(ex))
             damaged.append((step, str(ex)))
@@ -343,7 +344,8 @@ def restore_latest(
         return state, data, step, meta
     if problems:
         more = f" (and {len(problems) - 1} older ones)" if len(problems) > 1 else ""
-        raise ConfigError(f"{problems[0]}{more}; no checkpoint in {mngr.directory} can be restored")
+        kind = ShapeMismatch if " holds another model than " in problems[0] else ConfigError
+        raise kind(f"{problems[0]}{more}; no checkpoint in {mngr.directory} can be restored")
     return None
 
 

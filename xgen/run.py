@@ -6,6 +6,7 @@ devices) before JAX starts, and `--cfg job` should print a TPU pod's config inst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -175,19 +176,22 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         validate(typed)
         _start_distributed(typed)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if owns_run_dir(typed.task.name):
-            # Before anything is written there: a second process on this directory is refused
-            # here, and the first run's records stay its own (xgen/run_lock.py).
-            run_lock.hold(run_dir)
-            _save_run_config(cfg, run_dir)
-        # Here, after XLA_FLAGS and the multi-host start: recording the devices starts JAX
-        # (only for tasks that run on them: task=diff or task=carbon never start it).
-        provenance.write(run_dir, uses_devices=typed.task.name not in LOCAL_TASKS, task=typed.task.name)
-        result = run_task(typed, run_dir)
+        owner = owns_run_dir(typed.task.name)
+        # Held for the job (a sweep runs many in one process), before anything is written
+        # there: a second process on this directory is refused here, and the first run's
+        # records stay its own (xgen/run_lock.py).
+        with run_lock.held(run_dir) if owner else contextlib.nullcontext():
+            if owner:
+                _save_run_config(cfg, run_dir)
+            # Here, after XLA_FLAGS and the multi-host start: recording the devices starts JAX
+            # (only for tasks that run on them: task=diff or task=carbon never start it).
+            provenance.write(run_dir, uses_devices=typed.task.name not in LOCAL_TASKS, task=typed.task.name)
+            result = run_task(typed, run_dir)
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
         # Exiting here, not in main(): Hydra would log a second line for a failed job.
         _exit_on_config_error(ex)
         _exit_on_unwritable(ex, run_dir)
+        ex.xgen_judged = True  # a task's own error: main() must not take it for Hydra's set-up
         raise
     # A task's verdict as the exit code: task=diff's result has exit_code 1 when the configs differ (CI).
     if getattr(result, "exit_code", 0):
@@ -206,8 +210,9 @@ def main() -> None:
         print("xgen: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     except Exception as ex:  # noqa: BLE001 - only config errors are shortened; the rest re-raise
-        _exit_on_config_error(ex)
-        _exit_on_unwritable(ex)
+        if not getattr(ex, "xgen_judged", False):
+            _exit_on_config_error(ex)
+            _exit_on_unwritable(ex)
         raise
 
 

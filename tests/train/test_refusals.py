@@ -6,6 +6,7 @@ storage that cannot take a checkpoint, a checkpoint of another model. Each ends 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -94,7 +95,7 @@ def test_a_finished_run_with_a_damaged_final_checkpoint_falls_back_on_rerun_with
 def test_fewer_steps_than_the_newest_checkpoint_are_refused_and_the_summary_is_left_alone(tmp_path):
     run_task(compose_config(*FAST, "trainer.steps=4"), tmp_path)
     summary = (tmp_path / "summary.json").read_text()
-    with pytest.raises(ConfigError, match=r"trainer.steps=2 ends this run at step 2, but its checkpoint in .* is already at step 4"):
+    with pytest.raises(ConfigError, match=r"trainer.steps=2 ends this run at step 2, but its checkpoint in .* is already at step 4: set trainer.steps=4 or more"):
         run_task(compose_config(*FAST, "trainer.steps=2"), tmp_path)
     assert (tmp_path / "summary.json").read_text() == summary
 
@@ -164,3 +165,17 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_the_first_step
         assert "step 1/2" not in proc.stdout
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_checkpoint_from_before_a_setting_that_changes_no_number_still_resumes():
+    """trainer.spike.max_rollbacks says when a run stops, not what it computes: a checkpoint
+    written before the key existed resumes (under trainer.spike.*, it would be refused)."""
+    from xgen.train.resume import check_resume
+
+    cfg = compose_config(*FAST, "trainer.steps=6")
+    saved = dataclasses.asdict(cfg)
+    del saved["trainer"]["spike"]["max_rollbacks"]
+    assert check_resume(saved, cfg, "an older run") == {}
+    saved["trainer"]["spike"]["threshold"] = 3.0  # a setting of the detector itself still defines the run
+    with pytest.raises(ConfigError, match=r"trainer.spike.threshold: 3.0 -> 6.0"):
+        check_resume(saved, cfg, "an older run")

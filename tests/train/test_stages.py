@@ -73,7 +73,7 @@ def test_a_stage_refuses_a_missing_start_checkpoint_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_the_32k_stage_trains_tiny_on_the_cpu_in_a_few_gib(tmp_path):
     """stage=s5_32k (past the report: 32,768-token sequences, YaRN over the 8K model) composes
-    and trains the tiny model for two steps, with the tiled kernel and a chunked loss; the
+    and trains the tiny model for a step, with the tiled kernel and a chunked loss; the
     process's peak memory is measured (docs/long-context.md gives the figure)."""
     cfg = compose_config("stage=s5_32k", "model=tiny")
     assert (cfg.stage.seq_len, cfg.model.max_positions) == (32768, 32768)
@@ -81,11 +81,11 @@ def test_the_32k_stage_trains_tiny_on_the_cpu_in_a_few_gib(tmp_path):
         "yarn", 4.0, 8192)  # fmt: skip
     proc, peak = run_measuring_peak(
         "stage=s5_32k", "execution.attention=block_causal", "execution.attention_chunk=512", "execution.loss_chunk=2048",
-        "stage.batch_tokens=32768", "trainer.steps=2", "trainer.log_every=1", f"hydra.run.dir={tmp_path}",
+        "stage.batch_tokens=32768", "trainer.steps=1", "trainer.log_every=1", f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records(tmp_path)
-    assert [r["step"] for r in recs] == [1, 2] and all(r["tokens_seen"] == r["step"] * 32768 for r in recs)
+    assert [r["step"] for r in recs] == [1] and recs[0]["tokens_seen"] == 32768
     peak_gib = peak / 2**30
     print(f"s5_32k tiny: peak RSS {peak_gib:.2f} GiB")
     # The compiled step needs 1.43 GiB; [32K, 51,200] float32 logits alone (no loss_chunk) are 6.25 GiB.

@@ -83,7 +83,7 @@ _RULES = {
     ">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
     "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**63, "in [0, 2**63) (JAX's keys take a 64-bit seed)"),
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**63, "in [0, 2**63) (JAX's keys take 64 bits, numpy's generators a seed >= 0)"),
 }  # fmt: skip
 
 

@@ -149,8 +149,10 @@ class ContinuousBatcher(Scheduler):
             job, n = max(held.items(), key=lambda jn: jn[1], default=(None, 0))
             if n <= share:
                 break
+            # Least advanced by tokens generated (a row still replaying has a short cache but
+            # its tokens: ranked by cache length it would be preempted again and again).
             i = min((i for i, a in enumerate(slots) if a is not None and a.row.job is job and i not in out),
-                    key=lambda i: slots[i].length)  # fmt: skip
+                    key=lambda i: (len(slots[i].completion.token_logprobs), slots[i].prefilled))  # fmt: skip
             out.append(i)
             held[job] -= 1
             want -= 1

@@ -27,9 +27,14 @@ RUN_DEFINING = (
 )  # fmt: skip
 
 
+# Inside those, keys that change no number: when a run stops, not what it computes (a
+# checkpoint from before such a key existed resumes under its default).
+NOT_DEFINING = ("trainer.spike.max_rollbacks",)
+
+
 def _defining(key: str) -> bool:
     """A prefix ending in "." covers a section; any other entry is one exact key."""
-    return any(key.startswith(p) if p.endswith(".") else key == p for p in RUN_DEFINING)
+    return key not in NOT_DEFINING and any(key.startswith(p) if p.endswith(".") else key == p for p in RUN_DEFINING)
 
 
 def run_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

@@ -321,8 +321,8 @@ class Trainer:
         if step > self.steps:  # summary.json stays the run's own
             raise ConfigError(
                 f"trainer.steps={self.cfg.trainer.steps} ends this run at step {self.steps}, but its checkpoint in "
-                f"{self.run_dir / 'checkpoints'} is already at step {step}: set trainer.steps so that the run ends "
-                f"at step {step} or later, or start a new run directory (hydra.run.dir=...)"
+                f"{self.run_dir / 'checkpoints'} is already at step {step}: set trainer.steps={step - self.first_step} "
+                "or more, or start a new run directory (hydra.run.dir=...)"
             )
         if self._pending_events:
             metrics_log = MetricsLog(self.run_dir, tensorboard=False, resume_step=step, primary=jax.process_index() == 0)
