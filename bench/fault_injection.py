@@ -76,6 +76,8 @@ class Supervised:
         run = (*RUN, f"trainer.steps={steps}", f"optimizer.decay_steps={steps}", f"hardware.coordinator_address=127.0.0.1:{port}",
                "hardware.num_processes=2", f"hardware.process_id={process_id}", f"hydra.run.dir={run_dir}")  # fmt: skip
         head = [sys.executable, "-m", "xgen.launch", *SUPERVISOR, "--"] if supervised else [sys.executable, "-m", "xgen.run"]
+        if not supervised:  # the reference run: nothing restarts it, so no watchdog to end it
+            run = (*run, "trainer.step_timeout_minutes=0")
         self.proc = subprocess.Popen([*head, *run], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)

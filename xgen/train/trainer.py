@@ -255,7 +255,9 @@ class Trainer:
             # Watched from here: a restore waits on every host and on storage, and hangs with them.
             watchdog = Watchdog(cfg.trainer.step_timeout_minutes, self.run_dir)
             cleanup.callback(watchdog.close)
-            state, meta = self._restore(mngr, batches)
+            state, meta = self._restore(mngr, batches, watchdog)
+            with watchdog.paused_for():  # compiles, not steps: the first save would time them
+                self._compile_save_checks(state)
             start = int(state.step)
             record = self._schedule_for(meta, start) if meta is not None else self.schedule_record
             if record != self.schedule_record:
@@ -463,7 +465,14 @@ class Trainer:
         log.info(progress_line(record, self.steps, eta))
         return record
 
-    def _restore(self, mngr, batches) -> tuple[TrainState, dict | None]:
+    def _compile_save_checks(self, state: TrainState) -> None:
+        """Run once the programs every save runs (finiteness, fingerprints), so that they are
+        compiled before the loop: under the watchdog, a first save that compiles them on a
+        loaded host looked like a hang."""
+        checkpoint.all_finite((state.params, state.opt_state))
+        checkpoint.fingerprints(self.runtime.to_disk(state))
+
+    def _restore(self, mngr, batches, watchdog: Watchdog) -> tuple[TrainState, dict | None]:
         """This run's newest good checkpoint (with the data position) and its metadata, if the
         command still describes its run; else the stage it starts from (model, optimizer and
         step; its own data chunk from the start); else a fresh init (metadata None for both)."""
@@ -477,6 +486,9 @@ class Trainer:
             self._allowed_changes = check_resume(meta.get("config", {}), self.cfg, f"{self.run_dir} at step {step}")
             batches.set_state(data_state)
             return state, meta
+        if self.cfg.trainer.init_from is None:
+            with watchdog.paused_for():  # a fresh init is a compile, not a wait on storage or peers
+                return self._start_state(), None
         return self._start_state(), None
 
     def _start_state(self) -> TrainState:
