@@ -190,8 +190,8 @@ def test_a_non_finite_state_is_never_saved_and_the_run_ends_in_an_error(tmp_path
     run_task(compose_config(*FAST, "trainer.steps=2", "trainer.checkpoints_to_keep=1"), run_dir)
     restore = Trainer._restore
 
-    def poisoned(self, mngr, batches):
-        state, meta = restore(self, mngr, batches)
+    def poisoned(self, mngr, batches, watchdog):
+        state, meta = restore(self, mngr, batches, watchdog)
         return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)), meta
 
     monkeypatch.setattr(Trainer, "_restore", poisoned)
