@@ -324,13 +324,14 @@ def restore_latest(
     the way of the step that will be saved again."""
     directory = Path(mngr.directory)
     steps, _ = scan(directory)
-    problems, damaged = [], []
+    problems, damaged, first = [], [], None
     for step in steps:
         try:
             state, data, meta = _restore_step(mngr, step, abstract_state)
         except ConfigError as ex:  # a ShapeMismatch too: damage to the metadata looks alike
             log.error("%s; trying the checkpoint before it", ex)
             problems.append(str(ex))
+            first = first or ex
             damaged.append((step, str(ex)))
             continue
         for bad, why in damaged:  # only once a good one is found: a run that fails keeps them all in place
@@ -344,7 +345,7 @@ def restore_latest(
         return state, data, step, meta
     if problems:
         more = f" (and {len(problems) - 1} older ones)" if len(problems) > 1 else ""
-        kind = ShapeMismatch if " holds another model than " in problems[0] else ConfigError
+        kind = ShapeMismatch if isinstance(first, ShapeMismatch) else ConfigError
         raise kind(f"{problems[0]}{more}; no checkpoint in {mngr.directory} can be restored")
     return None
 

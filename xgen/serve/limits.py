@@ -181,8 +181,9 @@ class Connection(H11Protocol):
             return
         self.limits.counts["read_timeouts"] += 1
         body = self.conn.their_state is h11.SEND_BODY
+        what = "body" if body else "request line and headers"
         log.warning("closed a connection from %s with 408: its request's %s did not arrive within %g s (serve.read_timeout_s)",
-                    self._who(), "body" if body else "request line and headers", self.limits.read_timeout_s)  # fmt: skip
+                    self._who(), what, self.limits.read_timeout_s)  # fmt: skip
         answered = False
         if body and self.cycle is not None:
             cycle = self.cycle
@@ -192,7 +193,6 @@ class Connection(H11Protocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
         if not answered:
-            what = "body" if body else "request line and headers"
             message = f"the request's {what} did not arrive within {self.limits.read_timeout_s:g} s"
             self.transport.write(error_bytes(408, "Request Timeout", message, "invalid_request_error"))
         self.transport.close()

@@ -239,7 +239,10 @@ class Trainer:
         checkpoint.check_room(ckpt_dir, self.state_bytes())  # before any work: not at the first save
         # The schedule from the newest checkpoint's record, before compiling (a fallback to an
         # older checkpoint with another record recompiles: see below).
-        self._use_schedule(self._schedule_for(self._newest_meta(done), done or 0))
+        newest_meta = self._newest_meta(done)
+        if newest_meta is not None:  # a changed model refused by its keys before compiling or reading arrays
+            check_resume(newest_meta.get("config", {}), self.cfg, f"{self.run_dir} at step {done}")
+        self._use_schedule(self._schedule_for(newest_meta, done or 0))
         goodput.since_mark("startup")
         compiled = self.compile_step(data.dataset[0])
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
@@ -476,10 +479,6 @@ class Trainer:
         """This run's newest good checkpoint (with the data position) and its metadata, if the
         command still describes its run; else the stage it starts from (model, optimizer and
         step; its own data chunk from the start); else a fresh init (metadata None for both)."""
-        newest = checkpoint.latest_step(self.run_dir / "checkpoints")
-        newest_meta = self._newest_meta(newest)
-        if newest_meta is not None:  # a changed model refused by its keys before its arrays are read
-            check_resume(newest_meta.get("config", {}), self.cfg, f"{self.run_dir} at step {newest}")
         restored = self._restore_latest(mngr, move_damaged=True)
         if restored is not None:
             state, data_state, step, meta = restored
