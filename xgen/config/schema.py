@@ -64,6 +64,11 @@ class Platform(StrEnum):
     tpu = "tpu"
 
 
+class PrepareEngine(StrEnum):
+    local = "local"  # this machine's worker processes
+    ray = "ray"  # Ray core tasks, on a running cluster or a local one
+
+
 class Truncation(StrEnum):
     left = "left"  # keep the end
     right = "right"  # keep the start
@@ -463,8 +468,28 @@ class LoaderConfig:
 class PrepareConfig:
     """`task=prepare`: tokenizing raw sources into shards (home: `xgen.data.prepare`)."""
 
-    # Tokenizer worker processes.
+    # Where the work units run: `local` (this machine's processes; no cluster needed) or
+    # `ray` (Ray core tasks: `pip install 'xgen[ray]'`). Either gives byte-identical output.
+    engine: PrepareEngine = PrepareEngine.local
+    # Units run at once: worker processes (`local`; 0 runs them in this process) or Ray
+    # tasks in flight (`ray`; a local Ray started by the task gets this many CPUs).
     workers: int = 2
+    # `ray`: the address of a running cluster (`auto`, `ray://head:10001`, `10.0.0.1:6379`);
+    # null starts a local Ray for this task and stops it after.
+    ray_address: Optional[str] = None
+    # A failed or lost unit (a worker killed, a node preempted) is run again this many times
+    # before the prepare fails; its partial output is never used.
+    retries: int = 3
+    # Uncompressed JSON Lines files larger than this are cut into line-aligned byte ranges,
+    # each its own unit (a restart redoes one range, not the file). Part of the prepared
+    # data's identity: changing it means preparing into a new directory.
+    split_bytes: int = 256 * 1024 * 1024
+    # List the corpus and estimate its tokens and hours from a sample, without preparing.
+    dry_run: bool = False
+    # Bytes read (decompressed) from each sampled file for the dry run's estimates.
+    sample_bytes: int = 4 * 1024 * 1024
+    # Cores the dry run's time estimate is given for (besides this machine's).
+    plan_cores: list[int] = field(default_factory=lambda: [64, 512])
     # Documents sent to a worker at a time.
     batch_documents: int = 256
     # A new shard starts after this many tokens.
