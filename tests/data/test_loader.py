@@ -71,12 +71,13 @@ def test_mixture_counts_match_grain_and_hold_in_every_window():
             assert abs((window == k).sum() - 3000 * w / total) <= 3  # exact up to rounding
 
 
-def test_starcoder_half_is_permissive_and_weighted_per_language_by_manifest_tokens(synthetic_data):
+def test_starcoder_half_is_permissive_and_weighted_per_language_by_the_tokens_the_filters_keep(synthetic_data):
     cfg = synthetic(synthetic_data)
     src = cfg.data_mix.sources["starcoder"]
     store = ShardStore(src.path, TOK)
     parts = select_parts("starcoder", src, store, cfg.data_mix, cfg.stage.name)
-    by_language = store.tokens_by("language")
+    kept_docs = np.isin(store.meta["license"], src.licenses) & (store.lengths >= cfg.data_mix.min_doc_tokens)
+    by_language = {lang: int(store.lengths[kept_docs & (store.meta["language"] == lang)].sum()) for lang in store.tokens_by("language")}
     total = sum(by_language.values())
     assert {p.name for p in parts} == {f"starcoder/{lang}" for lang in by_language}
     for p in parts:

@@ -9,7 +9,6 @@ import pytest
 
 from tests.conftest import compose_config
 from xgen.config import ConfigError
-from xgen.data import prepare as prepare_module
 from xgen.data.prepare import prepare_source
 from xgen.data.store import ShardStore
 from xgen.data.synthetic import write_corpus
@@ -60,6 +59,8 @@ def all_documents(out: Path) -> list[tuple[str, bytes]]:
 
 
 def test_an_interrupted_prepare_resumes_without_losing_or_duplicating(tmp_path, monkeypatch):
+    from xgen.data import units as units_module
+
     raw = write_corpus(tmp_path / "raw")
     cfg = compose_config("data_mix=synthetic", f"data_dir={tmp_path}", "prepare.workers=0", "prepare.shard_tokens=5000", "prepare.batch_documents=8")
     spec = cfg.data_mix.sources["natural_language"].raw
@@ -67,25 +68,29 @@ def test_an_interrupted_prepare_resumes_without_losing_or_duplicating(tmp_path, 
     tok = Tokenizer.xgen()
     clean = prepare_source("nl", tmp_path / "clean", spec, tok, 100, cfg.prepare)
 
-    real_read = prepare_module.read_documents
+    real_read = units_module.read_documents
 
-    def crash_in_part_1(path, spec, counts, parts=()):
-        for i, doc in enumerate(real_read(path, spec, counts, parts)):
+    def crash_in_part_1(path, spec, counts, parts=(), **kw):
+        for i, doc in enumerate(real_read(path, spec, counts, parts, **kw)):
             if path.endswith("part-1.jsonl.gz") and i == 60:
                 raise KeyboardInterrupt("killed mid-file")
             yield doc
 
-    monkeypatch.setattr(prepare_module, "read_documents", crash_in_part_1)
+    monkeypatch.setattr(units_module, "read_documents", crash_in_part_1)
     with pytest.raises(KeyboardInterrupt):
         prepare_source("nl", tmp_path / "resumed", spec, tok, 100, cfg.prepare)
-    # empty, latin1, mixed-quality and part-0 were committed before the kill.
-    assert len(json.loads((tmp_path / "resumed" / "manifest.json").read_text())["files"]) == 4
-    assert list((tmp_path / "resumed" / "shards").glob("*.tmp"))  # the cut file's partial shards
-    monkeypatch.setattr(prepare_module, "read_documents", real_read)
+    m = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert not m["complete"] and len(m["pending"]) == 8 and not m["files"]
+    # empty, latin1, mixed-quality and part-0 (in path order) were committed before the kill.
+    assert len(list((tmp_path / "resumed" / "units").glob("*.json"))) == 4
+    assert list((tmp_path / "resumed" / "shards").glob(".stage-*/*.tokens"))  # the cut unit's staged shards
+    with pytest.raises(ConfigError, match=r"its prepare did not finish: 4 units are not done .*run task=prepare again"):
+        ShardStore(tmp_path / "resumed", tok)
+    monkeypatch.setattr(units_module, "read_documents", real_read)
     resumed = prepare_source("nl", tmp_path / "resumed", spec, tok, 100, cfg.prepare)
 
     assert resumed == clean
-    assert not list((tmp_path / "resumed" / "shards").glob("*.tmp"))
+    assert not list((tmp_path / "resumed" / "shards").glob(".stage-*"))
     assert all_documents(tmp_path / "resumed") == all_documents(tmp_path / "clean")
 
 
@@ -194,9 +199,9 @@ def test_data_prepared_in_the_old_layout_or_with_other_raw_settings_is_refused_i
     with pytest.raises(ConfigError, match="was prepared with raw="):
         prepare_source("s", out, RawInputConfig(paths=[str(raw / "*")], meta={"lang": "language"}), Tokenizer.xgen(), 10, PrepareConfig(workers=0))
     m = json.loads((out / "manifest.json").read_text())
-    m["format"] = "xgen-shards-v1"
+    m["format"] = "xgen-shards-v2"
     (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ConfigError, match="format 'xgen-shards-v1' is not 'xgen-shards-v2'; prepare it again"):
+    with pytest.raises(ConfigError, match="format 'xgen-shards-v2' is not 'xgen-shards-v3'; prepare it again"):
         ShardStore(out, Tokenizer.xgen())
 
 
@@ -209,24 +214,19 @@ def long_document_store(tmp_path, n_tokens: int):
     return ShardStore(tmp_path / "long", Tokenizer.xgen()), tokens
 
 
-def test_a_window_of_a_ten_million_token_document_reads_only_the_records_it_covers(tmp_path):
+def test_a_window_of_a_ten_million_token_document_reads_only_the_tokens_it_covers(tmp_path):
     from xgen.data.packing import PackedWindows
-    from xgen.data.shards import CHUNK_TOKENS
 
     n = 10_000_000
     store, tokens = long_document_store(tmp_path, n)
     reads = []
-    source = store._source
+    real_read = store._read
 
-    class Counting:
-        def __getitem__(self, i):
-            reads.append(i)
-            return source[i]
+    def counting(shard, start, stop):
+        reads.append(stop - start)
+        return real_read(shard, start, stop)
 
-        def __len__(self):
-            return len(source)
-
-    store._source = Counting()
+    store._read = counting
     windows = PackedWindows(store, np.array([0]), seq_len=8192, eot_id=50256)
     assert len(windows) == n // 8192
     for i in (0, 1, 617, len(windows) - 1):
@@ -234,8 +234,7 @@ def test_a_window_of_a_ten_million_token_document_reads_only_the_records_it_cove
         got = windows[i]["tokens"]
         want = np.concatenate([tokens, [50256]])[i * 8192 : i * 8192 + 8193]
         np.testing.assert_array_equal(got, want)
-        assert len(reads) <= 2, reads  # of n / CHUNK_TOKENS records
-    assert n // CHUNK_TOKENS > 300
+        assert len(reads) == 1 and reads[0] <= 8193, reads  # one slice of the window's tokens
     tail = store.tokens(0, n - 5, n + 100)  # a slice past the end stops at the end
     np.testing.assert_array_equal(tail, tokens[-5:])
 

@@ -28,6 +28,7 @@ def test_json_lines_plain_gzip_and_zstd_read_every_record(raw, name):
     docs, counts = read(raw / "prose" / name, meta={"source": "source"})
     assert len(docs) > 50 and counts["documents_read"] == len(docs) == counts["records"]
     assert all(meta == {"source": "python-docs"} for _, meta in docs)
+    assert counts.pop("raw_bytes") == (raw / "prose" / name).stat().st_size  # every byte read once
     assert sum(counts.values()) == 2 * len(docs)  # nothing but records and documents counted
 
 

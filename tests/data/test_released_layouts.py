@@ -117,7 +117,8 @@ def test_a_filter_that_empties_a_language_is_an_error_or_with_allow_empty_a_reco
     pipe = build_pipeline(cfg.data_mix, cfg.stage, TOK)
     rows = {r["part"]: r for r in pipe.report["parts"]}
     assert rows["starcoder/Go"]["weight"] == 0 and "skipped" in rows["starcoder/Go"]
-    assert rows["starcoder/Go"]["configured_weight"] > 0
+    assert rows["starcoder/Go"]["configured_weight"] == 0  # shares are of the tokens the filters keep
+    assert rows["starcoder/Python"]["configured_weight"] == pytest.approx(0.5, abs=1e-4)
     assert sum(r["weight"] for r in rows.values()) == pytest.approx(1.0, abs=1e-4)
     assert "starcoder/Go" not in pipe.names
 

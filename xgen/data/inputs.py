@@ -1,15 +1,14 @@
-"""Which raw files a source reads, and what each one is: found by glob, known by content.
+"""Which raw files a source reads: found by glob, locally or at any fsspec URL.
 
-A file is identified by a BLAKE2 hash of its bytes, not by the path string, so the same
-data reached by another path (`data` against `$PWD/data`, a renamed or copied file) is
-recognised; the hash is cached by path, size and modification time, so an unchanged file is
-not read again. Dangling symlinks among the matches are returned, to be counted.
+Local matches are resolved to their real paths, so the same file reached by another path
+(`data` against `$PWD/data`, a symlink) is one input. Dangling symlinks among the matches
+are returned, to be counted. What a file *is* (its content digest) is computed while it
+is prepared (`xgen.data.units`), never by a separate read.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -71,39 +70,3 @@ def expand_paths(patterns: list[str]) -> Expanded:
             elif os.path.isfile(match):
                 found.setdefault(os.path.realpath(match), _parts_below(os.path.abspath(match), prefix))
     return Expanded([RawFile(p, found[p]) for p in sorted(found)], sorted(set(dangling)))
-
-
-def _stat_key(path: str) -> list:
-    """What says a file is unchanged without reading it: size and modification time."""
-    if "://" in path:
-        fs, _, (p,) = fsspec.get_fs_token_paths(path)
-        info = fs.info(p)
-        return [info.get("size"), str(info.get("mtime") or info.get("updated") or info.get("etag") or "")]
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
-
-
-def content_digest(path: str) -> str:
-    """BLAKE2b-128 of the file's bytes: the file's identity in a manifest."""
-    h = hashlib.blake2b(digest_size=16)
-    with fsspec.open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cached_digest(path: str, cache: dict[str, list]) -> str:
-    key = _stat_key(path)
-    hit = cache.get(path)
-    if hit is not None and hit[:-1] == key:
-        return hit[-1]
-    digest = content_digest(path)
-    cache[path] = [*key, digest]
-    return digest
-
-
-def exists(path: str) -> bool:
-    if "://" in path:
-        fs, _, (p,) = fsspec.get_fs_token_paths(path)
-        return fs.exists(p)
-    return os.path.exists(path)

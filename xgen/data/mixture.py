@@ -7,7 +7,10 @@
 - Sub-stage chunks: the report shuffles all data once, splits it into disjoint chunks for
   the 2K, 4K and 8K sub-stages by their token budgets, then shuffles within each chunk.
 - `weight_by`: a source split by a metadata field (StarCoder by language), each part
-  weighted by its share of the source's tokens in the manifest, never typed by hand.
+  weighted by its share of the tokens the source's filters keep, never typed by hand:
+  StarCoderData's proportions are those after its license filter, so shares counted before
+  the filters (prepare's manifest) would oversample a language whose files are mostly
+  non-permissive.
 - Epochs: grain's `MapDataset.mix` draws from its inputs by exact integer proportions;
   `mixture_counts` reproduces its arithmetic, so the sequences taken from each source,
   and so each source's epoch, are known for any step.
@@ -99,11 +102,18 @@ def _filters(name: str, src: SourceConfig, store: DocumentStore, mix: DataMixCon
     return keep, removed
 
 
-def select_parts(
-    name: str, src: SourceConfig, store: DocumentStore, mix: DataMixConfig, stage: str
-) -> list[Part]:
+def select_parts(name: str, src: SourceConfig, store: DocumentStore, mix: DataMixConfig, stage: str) -> list[Part]:
     """The source's parts after filtering and the stage's chunk, with their mixture weights.
-    Parts may be empty here: the loader refuses them (or skips them with `allow_empty`)."""
+    Parts may be empty here: the loader refuses them (or skips them with `allow_empty`).
+
+    With `weight_by`, part `v` weighs `src.weight` x (tokens of value `v` that pass the
+    filters) / (tokens of the source that pass them). The shares are taken after the filters
+    (`min_doc_tokens`, `licenses`, `where`) because that is how StarCoderData publishes its
+    per-language proportions: The Stack filtered to permissive licenses, then counted. Counted
+    before them, a language whose files are mostly GPL would be drawn several times more than
+    its share of the data that is actually read. The shares come from all kept documents, not
+    from this stage's chunk, so every sub-stage weights the values identically; a value the
+    filters empty weighs 0 and stays a part, so that the loader still refuses or skips it."""
     keep, removed = _filters(name, src, store, mix)
     docs = stage_chunk(np.flatnonzero(keep), store.lengths, mix.stage_split, stage, mix.seed)
     drops = {k: v for k, v in store.prepare_counts().items() if not k.startswith("missing_meta:")}
@@ -112,29 +122,44 @@ def select_parts(
         return [Part(name, name, docs, src.weight, _nonzero(dropped))]
     if src.weight_by not in store.meta:
         raise ConfigError(f"data_mix.sources.{name}.weight_by={src.weight_by!r}: the data has no such metadata")
-    totals = store.tokens_by(src.weight_by)
-    if totals is None:
-        raise ConfigError(
-            f"data_mix.sources.{name}.weight_by={src.weight_by!r}: its manifest has no token counts by that field "
-            "(add it to prepare.count_tokens_by and prepare again)"
-        )
-    all_values = store.meta[src.weight_by]
-    several = np.char.find(all_values.astype(str), LIST_SEP) >= 0
+    # Array operations over the distinct values (a few dozen), never a loop per document.
+    values, code = _value_codes(store.meta[src.weight_by])
+    several = np.char.find(values, LIST_SEP) >= 0
     if several.any():
+        count = int(np.bincount(code, minlength=len(values))[several].sum())
         raise ConfigError(
-            f"data_mix.sources.{name}.weight_by={src.weight_by!r}: {int(several.sum())} documents have several values "
+            f"data_mix.sources.{name}.weight_by={src.weight_by!r}: {count} documents have several values "
             "(a list); weight by a field with one value per document"
         )
-    values = all_values[docs]
-    all_tokens = sum(totals.values())
+    kept_tokens = np.bincount(code[keep], weights=store.lengths[keep], minlength=len(values))
+    total = float(kept_tokens.sum())
+    removed_by = {k: np.bincount(code[m], minlength=len(values)) for k, m in removed.items()}
     short_by = store.dropped_short_by(src.weight_by)
+    # Each value's documents of the chunk, in the chunk's (shuffled) order.
+    order = np.argsort(code[docs], kind="stable")
+    bounds = np.searchsorted(code[docs][order], np.arange(len(values) + 1))
     parts = []
-    for value in sorted(totals):
-        of_value = all_values == value
-        dropped = {"dropped_short": short_by.get(value, 0), **{k: int((m & of_value).sum()) for k, m in removed.items()}}
-        weight = src.weight * totals[value] / all_tokens
-        parts.append(Part(f"{name}/{value}", name, docs[values == value], weight, _nonzero(dropped)))
+    for k, value in enumerate(map(str, values)):
+        dropped = {"dropped_short": short_by.get(value, 0), **{r: c[k] for r, c in removed_by.items()}}
+        weight = src.weight * float(kept_tokens[k]) / total if total else 0.0
+        parts.append(Part(f"{name}/{value}", name, docs[order[bounds[k] : bounds[k + 1]]], weight, _nonzero(dropped)))
     return parts
+
+
+def _value_codes(stored: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct values, sorted; each document's index into them): `np.unique` with
+    `return_inverse`, a chunk of documents at a time, so that on 10^8 documents no sorted
+    copy of all the strings is made (and the smaller sorts run faster)."""
+    stored = np.asarray(stored, dtype=str)
+    found, code = [], np.empty(len(stored), np.int32 if len(stored) < 2**31 else np.int64)
+    for start in range(0, len(stored), chunk):
+        distinct, inverse = np.unique(stored[start : start + chunk], return_inverse=True)
+        found.append(distinct)
+        code[start : start + chunk] = inverse.reshape(-1)
+    values = np.unique(np.concatenate(found)) if found else stored[:0]
+    for start, distinct in zip(range(0, len(stored), chunk), found):
+        code[start : start + chunk] = np.searchsorted(values, distinct)[code[start : start + chunk]]
+    return values, code
 
 
 def _nonzero(counts: dict[str, int]) -> dict[str, int]:

@@ -1,196 +1,196 @@
-"""`task=prepare`: raw files -> tokenized ArrayRecord shards plus a manifest per source.
+"""`task=prepare`: raw files -> tokenized shards plus a manifest and index per source.
 
-The layout written is `xgen.data.shards`'; which files are read, and how each is known by
-its content, is `xgen.data.inputs`'. A file whose content is already prepared is skipped
-(`data_dir=data` against `$PWD/data`, a renamed or copied file, a copied prepared folder
-never duplicate a document), a file whose content changed is prepared again (its old
-shards go), and a file no longer matched by `raw.paths` leaves the data.
+The layout written is `xgen.data.shards`'; the units of work and what each writes are
+`xgen.data.units`'; where they run is `xgen.data.engine`'s. This module is the driver: it
+plans the units, runs those not yet done, and assembles the manifest from completed units
+only, in document order (input path, then byte offset), so the result never depends on the
+engine, the number of workers, retries or restarts.
 
-Work is committed one input file at a time: a file's shards are written under temporary
-names, renamed when the file is complete, and only then recorded in the manifest (written
-atomically). Running `prepare` again skips recorded files and deletes any shard that the
-manifest does not name, so an interrupted run neither loses nor duplicates a document.
-Tokenization runs in worker processes with a bounded number of batches in flight, so
-memory stays flat however large the input.
+A file is known by its content, digested while its units read it (no second read): a file
+whose content is already prepared is not prepared twice (`data_dir=data` against
+`$PWD/data`, a renamed or copied file, a copied prepared folder), a file whose content
+changed is prepared again (its old shards go), and a file no longer matched by
+`raw.paths` leaves the data. An unchanged file is recognised without reading it, by its
+size and the store's identity (modification time, ETag, crc32c) cached in the manifest.
+
+While units are outstanding the manifest says `complete: false`, and training refuses the
+source; a rerun runs only the units without a completion record.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
-import multiprocessing
+import shutil
 import time
-from collections import Counter, deque
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import numpy as np
+from typing import Iterator
 
 from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig
-from xgen.data.inputs import RawFile, cached_digest, exists, expand_paths
-from xgen.data.readers import read_documents
+from xgen.data import storage
+from xgen.data.engine import engine_session, run_units
+from xgen.data.inputs import RawFile, expand_paths
 from xgen.data.shards import (
     MANIFEST,
-    ShardWriter,
+    build_index,
     check_tokenizer,
     new_manifest,
+    ordered_shards,
     raw_identity,
+    read_json,
     summarize,
-    write_json_atomically,
+    write_json,
 )
+from xgen.data.units import Unit, UnitJob, plan_units, record_path
 from xgen.tokenizer import Tokenizer
-from xgen.tokenizer.xgen import encode_to_arrays
 
 log = logging.getLogger(__name__)
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _encoded(batches: Iterator[list], pool, max_in_flight: int) -> Iterator[tuple[list[np.ndarray], list[dict]]]:
-    """(token arrays, metadata) per batch, in input order, with at most `max_in_flight` batches
-    queued in the pool: reading never runs ahead of tokenizing by more than that."""
-    pending: deque = deque()
-    for batch in batches:
-        texts = [text for text, _ in batch]
-        metas = [meta for _, meta in batch]
-        pending.append((pool.apply_async(encode_to_arrays, (texts,)) if pool else encode_to_arrays(texts), metas))
-        while len(pending) >= max_in_flight:
-            result, metas = pending.popleft()
-            yield (result.get() if pool else result), metas
-    while pending:
-        result, metas = pending.popleft()
-        yield (result.get() if pool else result), metas
-
-
-@contextmanager
-def worker_pool(workers: int) -> Iterator[Any]:
-    """Tokenizer processes (spawned: safe even when the caller has started JAX's threads);
-    None runs in-process."""
-    if workers <= 0:
-        yield None
-        return
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-    try:
-        yield pool
-    finally:
-        pool.close()
-        pool.join()
-
-
 def _open_manifest(
-    name: str, out_dir: Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
+    name: str, root: str, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
 ) -> dict:
     """The manifest to continue, or a new one; data prepared differently is refused."""
-    manifest_path = out_dir / MANIFEST
-    if not manifest_path.exists():
-        return new_manifest(name, tokenizer, spec, min_doc_tokens, opts.count_tokens_by)
-    manifest = json.loads(manifest_path.read_text())
-    check_tokenizer(manifest, tokenizer, out_dir)
-    if manifest["raw"] != raw_identity(spec) or manifest["min_doc_tokens"] != min_doc_tokens:
+    path = storage.join(root, MANIFEST)
+    if not storage.exists(path):
+        return new_manifest(name, tokenizer, spec, min_doc_tokens, opts.count_tokens_by, opts.split_bytes)
+    manifest = read_json(path)
+    check_tokenizer(manifest, tokenizer, root)
+    ours = (raw_identity(spec), min_doc_tokens, opts.split_bytes)
+    theirs = (manifest["raw"], manifest["min_doc_tokens"], manifest["split_bytes"])
+    if ours != theirs:
         raise ConfigError(
-            f"{out_dir} was prepared with raw={manifest['raw']} and min_doc_tokens={manifest['min_doc_tokens']}, "
-            f"this data_mix says raw={raw_identity(spec)} and min_doc_tokens={min_doc_tokens}; "
+            f"{root} was prepared with raw={theirs[0]}, min_doc_tokens={theirs[1]} and prepare.split_bytes={theirs[2]}, "
+            f"this run says raw={ours[0]}, min_doc_tokens={ours[1]} and prepare.split_bytes={ours[2]}; "
             "prepare into another directory"
         )
     return manifest
 
 
-def _plan_files(name: str, spec: RawInputConfig, manifest: dict) -> tuple[list[tuple[str, RawFile]], dict]:
-    """(digest, file) to prepare, and what was skipped: files whose content is already
-    prepared, copies of another input, dangling symlinks. Entries whose file now holds
-    other content are removed (their file is prepared again); entries whose file is gone
-    are kept (raw data is often deleted once prepared)."""
+@contextmanager
+def _progress(name: str, total: int) -> Iterator:
+    """A line every 10 s (and at the end) with units done and the read rate."""
+    t0 = last = time.perf_counter()
+    state = {"units": 0, "bytes": 0, "tokens": 0}
+
+    def tick(record: dict) -> None:
+        nonlocal last
+        state["units"] += 1
+        state["bytes"] += record["counts"].get("raw_bytes", 0)
+        state["tokens"] += record["tokens"]
+        now = time.perf_counter()
+        if now - last >= 10 or state["units"] == total:
+            last = now
+            log.info(
+                "prepare %s: %d/%d units, %.1f MB read at %.2f MB/s, %d tokens",
+                name, state["units"], total, state["bytes"] / 1e6, state["bytes"] / 1e6 / max(now - t0, 1e-9), state["tokens"],
+            )  # fmt: skip
+
+    yield tick
+
+
+def _file_entry(records: list[dict]) -> tuple[str, dict]:
+    """(content digest, manifest entry) of one file from its units' records, in range order."""
+    records = sorted(records, key=lambda r: r["index"])
+    if len(records) == 1:
+        digest = records[0]["digest"]
+    else:
+        digest = hashlib.blake2b("".join(r["digest"] for r in records).encode(), digest_size=16).hexdigest()
+    counts: Counter = Counter()
+    tokens_by: dict[str, Counter] = {}
+    dropped_by: dict[str, Counter] = {}
+    for r in records:
+        counts.update(r["counts"])
+        for f, c in r["tokens_by"].items():
+            tokens_by.setdefault(f, Counter()).update(c)
+        for f, c in r["dropped_short_by"].items():
+            dropped_by.setdefault(f, Counter()).update(c)
+    return digest, {
+        "paths": [records[0]["path"]],
+        "units": [r["id"] for r in records],
+        "shards": [s for r in records for s in r["shards"]],
+        "documents": sum(r["documents"] for r in records),
+        "tokens": sum(r["tokens"] for r in records),
+        "counts": dict(sorted(counts.items())),
+        "tokens_by": {f: dict(sorted(c.items())) for f, c in tokens_by.items()},
+        "dropped_short_by": {f: dict(sorted(c.items())) for f, c in dropped_by.items() if c},
+    }
+
+
+def _done_records(root: str, units: list[Unit]) -> dict[str, dict]:
+    """Completion records of planned units left by an earlier (interrupted) run."""
+    listed = storage.listing(storage.join(root, "units"))
+    return {u.id: read_json(record_path(root, u.id)) for u in units if f"{u.id}.json" in listed}
+
+
+def _remove_unreferenced(root: str, manifest: dict, keep_units: set[str]) -> None:
+    """Delete shards, records and staging folders that neither the manifest nor a unit
+    still to be assembled names: an interrupted unit's output, a changed file's old shards."""
+    names = {s["name"] for s in ordered_shards(manifest)}
+    units = {u for e in manifest["files"].values() for u in e["units"]} | keep_units
+    shard_dir, unit_dir = storage.join(root, "shards"), storage.join(root, "units")
+    for file in storage.listing(shard_dir):
+        stem = file.split(".")[0]
+        if stem not in names and stem.rsplit("-", 1)[0] not in units:
+            storage.remove(storage.join(shard_dir, file))
+    for file in storage.listing(unit_dir):
+        if file.removesuffix(".json") not in units:
+            storage.remove(storage.join(unit_dir, file))
+    if not storage.is_url(root):
+        for stage in Path(shard_dir).glob(".stage-*"):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def prepare_source(
+    name: str, out_dir: str | Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
+) -> dict:
+    """Prepare every not-yet-done unit of one source; returns the manifest's totals."""
+    root = str(out_dir)
+    storage.makedirs(root)
+    manifest = _open_manifest(name, root, spec, tokenizer, min_doc_tokens, opts)
     expanded = expand_paths(spec.paths)
     for link in expanded.dangling_symlinks:
         log.warning("prepare %s: %s is a dangling symlink: skipped", name, link)
     if not expanded.files:
         dangling = f" ({len(expanded.dangling_symlinks)} dangling symlinks)" if expanded.dangling_symlinks else ""
         raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file{dangling}")
-    cache = manifest.setdefault("stat_cache", {})
-    digests = {f.path: cached_digest(f.path, cache) for f in expanded.files}
-    gone = 0
-    for digest, entry in list(manifest["files"].items()):
-        if digest in digests.values():
-            continue
-        changed = [p for p in entry["paths"] if p in digests]
-        unmatched = [p for p in entry["paths"] if p not in digests and exists(p)]
-        if changed:
-            log.warning("prepare %s: %s changed since it was prepared: preparing it again", name, changed[0])
-        elif unmatched:
-            log.warning("prepare %s: %s is no longer in raw.paths: its documents are removed", name, unmatched[0])
-        else:
-            gone += 1
-            continue
-        del manifest["files"][digest]
-    if gone:
-        log.info("prepare %s: kept %d prepared files whose raw files are gone", name, gone)
-    todo, seen = [], set(manifest["files"])
-    duplicates = len(digests) - len(set(digests.values()))  # inputs with another input's content
+    stats = {f.path: storage.stat(f.path) for f in expanded.files}
+    cache = manifest["stat_cache"]
+    digests: dict[str, str] = {}  # path -> content digest, for every current input
+    todo: list[RawFile] = []
     for f in expanded.files:
-        digest = digests[f.path]
-        if digest in manifest["files"]:
-            paths = manifest["files"][digest]["paths"]
-            if f.path not in paths:
-                paths.append(f.path)  # same content under another name: nothing to redo
-            continue
-        if digest in seen:
-            log.warning("prepare %s: %s has the same content as another input: read once", name, f.path)
-            continue
-        seen.add(digest)
-        todo.append((digest, f))
-    skipped = {"dangling_symlinks": len(expanded.dangling_symlinks), "duplicate_files": duplicates}
-    return todo, {k: v for k, v in skipped.items() if v}
-
-
-def prepare_source(
-    name: str,
-    out_dir: Path,
-    spec: RawInputConfig,
-    tokenizer: Tokenizer,
-    min_doc_tokens: int,
-    opts: PrepareConfig,
-    pool: Any = None,
-) -> dict:
-    """Tokenize every not-yet-done file of one source; returns the manifest's totals.
-    `pool` (from `worker_pool`) is shared across sources; without one, one is started here."""
-    if pool is None and opts.workers > 0:
-        with worker_pool(opts.workers) as own:
-            return prepare_source(name, out_dir, spec, tokenizer, min_doc_tokens, opts, own)
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _open_manifest(name, out_dir, spec, tokenizer, min_doc_tokens, opts)
-    todo, manifest["skipped"] = _plan_files(name, spec, manifest)
-    keep = {s for entry in manifest["files"].values() for s in entry["shards"]}
-    for leftover in shard_dir.iterdir():
-        if leftover.name.split(".")[0] not in keep:
-            leftover.unlink()  # from an interrupted run, or of a changed file: redone below
-    done = sum(len(e["paths"]) for e in manifest["files"].values())
-    log.info("prepare %s: %d files already done, %d to do, skipped %s", name, done, len(todo), manifest["skipped"] or "none")
-    for digest, raw_file in todo:
-        t0 = time.perf_counter()
-        manifest["files"][digest] = _prepare_file(raw_file, digest, shard_dir, spec, tokenizer, min_doc_tokens, opts, manifest, pool)
-        manifest["totals"] = summarize(manifest)
-        write_json_atomically(out_dir / MANIFEST, manifest)
-        entry = manifest["files"][digest]
-        log.info(
-            "prepare %s: %s: %d documents, %d tokens in %.1f s; %s",
-            name, raw_file.path, entry["documents"], entry["tokens"], time.perf_counter() - t0, entry["counts"],
-        )  # fmt: skip
+        hit = cache.get(f.path)
+        if hit is not None and hit[:2] == list(stats[f.path]) and hit[2] in manifest["files"]:
+            digests[f.path] = hit[2]
+        else:
+            todo.append(f)
+    units = [u for f in todo for u in plan_units(f.path, f.parts, stats[f.path], spec, opts.split_bytes)]
+    records = _done_records(root, units)
+    jobs = [_job(u, root, spec, min_doc_tokens, manifest, opts) for u in units if u.id not in records]
+    log.info(
+        "prepare %s: %d files, %d already prepared; %d units to run, %d done by an earlier run (engine=%s, workers=%d)",
+        name, len(expanded.files), len(digests), len(jobs), len(records), opts.engine, opts.workers,
+    )  # fmt: skip
+    if jobs:
+        manifest["complete"], manifest["pending"] = False, sorted(j.unit.id for j in jobs)
+        write_json(storage.join(root, MANIFEST), manifest)  # training refuses the source until the end
+        _remove_unreferenced(root, manifest, {u.id for u in units})
+    with _progress(name, len(jobs)) as tick:
+        for record in run_units(jobs, opts):
+            records[record["id"]] = record
+            tick(record)
+    _assemble(name, manifest, expanded, todo, units, records, digests, stats)
+    if manifest.get("index", {}).get("of") != _index_key(manifest) or not storage.exists(storage.join(root, "index")):
+        manifest["index"] = build_index(root, manifest)
     manifest["totals"] = summarize(manifest)
-    write_json_atomically(out_dir / MANIFEST, manifest)
+    manifest["complete"], manifest["pending"] = True, []
+    write_json(storage.join(root, MANIFEST), manifest)
+    _remove_unreferenced(root, manifest, set())
     totals = manifest["totals"]
     if not totals.get("documents"):
-        problems = {k: v for k, v in totals.items() if isinstance(v, int) and v and k not in ("files", "shards")}
+        problems = {k: v for k, v in totals.items() if isinstance(v, int) and v and k not in ("files", "shards", "units", "raw_bytes")}
         raise ConfigError(
             f"data_mix.sources.{name}: {totals['files']} files under {spec.paths} gave no document ({problems}); "
             f"check raw.text_field={spec.text_field!r} and raw.format"
@@ -198,39 +198,58 @@ def prepare_source(
     return totals
 
 
-def _prepare_file(
-    raw_file: RawFile, digest: str, shard_dir: Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int,
-    opts: PrepareConfig, manifest: dict, pool: Any,
-) -> dict:  # fmt: skip
-    """One input file into committed shards; its manifest entry."""
-    counts: Counter = Counter()
-    writer = ShardWriter(shard_dir, digest[:16], opts.shard_tokens, list(spec.meta))
-    fields = manifest["count_tokens_by"]
-    tokens_by: dict[str, Counter] = {f: Counter() for f in fields}
-    dropped_by: dict[str, Counter] = {f: Counter() for f in fields}
-    documents = tokens = 0
-    batches = _batched(read_documents(raw_file.path, spec, counts, raw_file.parts), opts.batch_documents)
-    for arrays, metas in _encoded(batches, pool, max_in_flight=2 * max(opts.workers, 1)):
-        for ids, meta in zip(arrays, metas):
-            if len(ids) < min_doc_tokens:
-                counts["dropped_short"] += 1
-                for f in fields:
-                    dropped_by[f][meta.get(f, "")] += 1
-                continue
-            writer.write(ids, meta)
-            documents += 1
-            tokens += len(ids)
-            for f in fields:
-                tokens_by[f][meta.get(f, "")] += len(ids)
-    return {
-        "paths": [raw_file.path],
-        "shards": writer.commit(),
-        "documents": documents,
-        "tokens": tokens,
-        "counts": dict(counts),
-        "tokens_by": {f: dict(c) for f, c in tokens_by.items()},
-        "dropped_short_by": {f: dict(c) for f, c in dropped_by.items() if c},
-    }
+def _index_key(manifest: dict) -> str:
+    return hashlib.blake2b("\n".join(s["blake2b"] for s in ordered_shards(manifest)).encode(), digest_size=16).hexdigest()
+
+
+def _job(unit: Unit, root: str, spec: RawInputConfig, min_doc_tokens: int, manifest: dict, opts: PrepareConfig) -> UnitJob:
+    return UnitJob(
+        unit, root, spec, min_doc_tokens, tuple(manifest["meta_fields"]), tuple(manifest["count_tokens_by"]),
+        opts.shard_tokens, opts.batch_documents, manifest["token_dtype"],
+    )  # fmt: skip
+
+
+def _assemble(
+    name: str, manifest: dict, expanded, todo: list[RawFile], units: list[Unit], records: dict[str, dict],
+    digests: dict[str, str], stats: dict,
+) -> None:  # fmt: skip
+    """Fold the new files' units into the manifest: a content already there gains a path
+    (renamed or copied), a changed file's old entry goes, a file no longer matched leaves."""
+    by_path: dict[str, list[dict]] = {}
+    for u in units:
+        by_path.setdefault(u.path, []).append(records[u.id])
+    new: dict[str, dict] = {}
+    for f in todo:  # in path order: the first of several identical files is the one kept
+        digest, entry = _file_entry(by_path[f.path])
+        digests[f.path] = digest
+        if digest in manifest["files"] or digest in new:
+            continue
+        new[digest] = entry
+    current = set(digests.values())
+    for digest, entry in list(manifest["files"].items()):
+        if digest in current:
+            continue
+        changed = [p for p in entry["paths"] if p in digests]
+        unmatched = [p for p in entry["paths"] if p not in digests and storage.exists(p)]
+        if changed:
+            log.warning("prepare %s: %s changed since it was prepared: preparing it again", name, changed[0])
+        elif unmatched:
+            log.warning("prepare %s: %s is no longer in raw.paths: its documents are removed", name, unmatched[0])
+        else:
+            continue  # raw data deleted once prepared: its documents stay
+        del manifest["files"][digest]
+    manifest["files"].update(new)
+    for path, digest in digests.items():
+        paths = manifest["files"][digest]["paths"]
+        if path not in paths:
+            paths.append(path)  # the same content under another name: nothing to redo
+            paths.sort()
+    for path in sorted(digests):
+        if list(digests.values()).count(digests[path]) > 1 and manifest["files"][digests[path]]["paths"][0] != path:
+            log.warning("prepare %s: %s has the same content as another input: its documents are kept once", name, path)
+    manifest["stat_cache"] = {p: [*stats[p], digests[p]] for p in sorted(digests)}
+    skipped = {"dangling_symlinks": len(expanded.dangling_symlinks), "duplicate_files": len(digests) - len(current)}
+    manifest["skipped"] = {k: v for k, v in skipped.items() if v}
 
 
 def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -> dict[str, dict]:
@@ -245,8 +264,8 @@ def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -
         same = (raw_identity(todo[first].raw), list(todo[first].raw.paths)) == (raw_identity(src.raw), list(src.raw.paths))
         if not same:
             raise ConfigError(f"data_mix.sources.{first} and .{name} share path {src.path} but read their raw files differently")
-    with worker_pool(opts.workers) as pool:
+    with engine_session(opts):  # one Ray for all sources
         return {
-            name: prepare_source(name, Path(todo[name].path), todo[name].raw, tokenizer, mix.min_doc_tokens, opts, pool)
+            name: prepare_source(name, todo[name].path, todo[name].raw, tokenizer, mix.min_doc_tokens, opts)
             for name in by_path.values()
         }

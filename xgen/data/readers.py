@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import json
 import lzma
 import zlib
@@ -204,14 +205,74 @@ def _corrupt_file_errors(fmt: str) -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class _Hashing:
+    """A read-only stream that hashes the bytes read through it and counts them, so a file
+    is identified by content while it is read, never by a second pass."""
+
+    def __init__(self, raw: IO[bytes], digest: Any, counts: Counter):
+        self.raw, self.digest, self.counts = raw, digest, counts
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        self.counts["raw_bytes"] += len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.raw.readline()
+        self.digest.update(line)
+        self.counts["raw_bytes"] += len(line)
+        return line
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def drain(self) -> None:
+        """Hash what the reader left unread (the rest of a corrupt file)."""
+        while self.read(1 << 22):
+            pass
+
+
+def splittable(path: str, declared: str | None) -> bool:
+    """Can the file be read in line-aligned byte ranges (uncompressed JSON Lines)?"""
+    return detect_format(path, declared) == "jsonl" and _strip_compression(path.lower()) == path.lower()
+
+
+def _range_lines(raw: IO[bytes], start: int, end: int, digest: Any, counts: Counter) -> Iterator[bytes]:
+    """The lines whose first byte lies in [start, end): a line crossing `end` belongs to this
+    range and is read to its end; one crossing `start` belongs to the range before."""
+    pos = 0
+    if start > 0:
+        raw.seek(start - 1)
+        pos = start - 1 + len(raw.readline())  # the end of the line holding byte start - 1
+    while pos < end:
+        line = raw.readline()
+        if not line:
+            break
+        pos += len(line)
+        digest.update(line)
+        counts["raw_bytes"] += len(line)
+        yield line
+
+
 def read_documents(
-    path: str, spec: RawInputConfig, counts: Counter, parts: tuple[str, ...] = ()
+    path: str,
+    spec: RawInputConfig,
+    counts: Counter,
+    parts: tuple[str, ...] = (),
+    *,
+    byte_range: tuple[int, int] | None = None,
+    digest: Any = None,
 ) -> Iterator[tuple[str, dict]]:
     """Documents of one file; problems are added to `counts` (per kind) instead of raised.
 
     `parts` is the file's path below its pattern's fixed prefix (for `path:N` addresses).
     A truncated or corrupt file keeps the documents read before the damage and counts
     once in `corrupt_files`; a file with no records at all counts in `empty_files`.
+    `byte_range` reads only the lines starting in it (a `splittable` file). `digest` (a
+    hashlib object) is fed every byte of the file (of the range's lines), read once, and
+    `counts["raw_bytes"]` counts them.
     """
     fmt = detect_format(path, spec.format)
     if fmt == "parquet":
@@ -219,27 +280,42 @@ def read_documents(
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise ConfigError(f"{path}: reading Parquet needs pyarrow: pip install 'xgen[parquet]'")
+    if digest is None:
+        digest = hashlib.blake2b(digest_size=16)
     extract = _Extract(spec, parts, counts)
     records_before = counts["records"]
+    raw: Any = None
     try:
-        with fsspec.open(path, "rb") as raw:
-            if fmt == "text":
-                docs: Iterator[tuple[str, dict] | None] = _text(_open_decompressed(raw, path), counts)
+        with fsspec.open(path, "rb") as opened:
+            if byte_range is not None:
+                docs: Iterator[tuple[str, dict] | None] = map(
+                    extract, _records_of_lines(_range_lines(opened, *byte_range, digest, counts), counts)
+                )
+            elif fmt == "parquet":
+                columns = {a.column for a in (extract.text, *extract.meta.values())}
+                docs = map(extract, _records_of_parquet(opened, columns, counts))
             else:
-                if fmt == "parquet":
-                    columns = {a.column for a in (extract.text, *extract.meta.values())}
-                    records = _records_of_parquet(raw, columns, counts)
+                raw = _Hashing(opened, digest, counts)
+                if fmt == "text":
+                    docs = _text(_open_decompressed(raw, path), counts)
                 elif fmt == "json":
-                    records = _records_of_json(_open_decompressed(raw, path), counts)
+                    docs = map(extract, _records_of_json(_open_decompressed(raw, path), counts))
                 else:
-                    records = _records_of_lines(_open_decompressed(raw, path), counts)
-                docs = map(extract, records)
-            for doc in docs:
-                if doc is not None:
-                    counts["documents_read"] += 1
-                    yield doc
-    except _corrupt_file_errors(fmt):
+                    docs = map(extract, _records_of_lines(_open_decompressed(raw, path), counts))
+            try:
+                for doc in docs:
+                    if doc is not None:
+                        counts["documents_read"] += 1
+                        yield doc
+            except _corrupt_file_errors(fmt):
+                counts["corrupt_files"] += 1
+            if raw is not None:
+                raw.drain()  # the rest of a corrupt file, or what a decompressor left unread
+    except _corrupt_file_errors(fmt):  # the file could not be opened or read at all
         counts["corrupt_files"] += 1
         return
-    if counts["records"] == records_before:
+    if fmt == "parquet":  # read by seeking: hashed in one sequential pass
+        with fsspec.open(path, "rb") as fh:
+            _Hashing(fh, digest, counts).drain()
+    if counts["records"] == records_before and (byte_range is None or byte_range[0] == 0):
         counts["empty_files"] += 1

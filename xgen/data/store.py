@@ -2,21 +2,24 @@
 
 A store knows every document's token count and metadata without reading its tokens, so
 filtering, weighting and splitting are array operations; tokens are read only for the
-windows a batch needs: ArrayRecord gives random access, and a prepared document is stored
-as records of at most `chunk_tokens` tokens, so a window of a 10-million-token document
-reads one or two records, not the whole document.
+windows a batch needs: a prepared shard is the documents' tokens end to end, so a window
+of a 10-million-token document is one slice of a memory map (one ranged GET on an object
+store), not the whole document.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import fsspec
 import numpy as np
-from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from xgen.config import ConfigError
-from xgen.data.shards import MANIFEST, check_tokenizer
+from xgen.data import storage
+from xgen.data.shards import MANIFEST, VERIFIED, check_tokenizer, ordered_shards, read_json, write_json
 from xgen.tokenizer import Tokenizer
 
 
@@ -54,42 +57,139 @@ class InMemoryStore(DocumentStore):
         return self._docs[doc][start:stop]
 
 
+class _CodedMeta(Mapping):
+    """Metadata stored as small integer codes: `meta[field]` decodes on first use (a string
+    per document), `codes(field)` gives (codes, values) without decoding."""
+
+    def __init__(self, columns: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self._columns, self._decoded = columns, {}
+
+    def __getitem__(self, field: str) -> np.ndarray:
+        if field not in self._decoded:
+            codes, values = self._columns[field]
+            self._decoded[field] = values[codes] if len(values) else np.zeros(len(codes), str)
+        return self._decoded[field]
+
+    def __iter__(self):
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def codes(self, field: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._columns[field]
+
+
+def index_cache_dir() -> Path:
+    """Where an object store's index arrays are downloaded once to be memory-mapped."""
+    return Path(os.environ.get("XGEN_CACHE_DIR", Path.home() / ".cache" / "xgen")) / "index"
+
+
 class ShardStore(DocumentStore):
-    """A source prepared by `task=prepare`: its manifest, shard indexes and ArrayRecord files."""
+    """A source prepared by `task=prepare`, at a local path or an object-store URL.
+
+    Opening it reads the manifest and memory-maps the index (an object store's index is
+    downloaded once into `index_cache_dir()`); only the pages a host touches become
+    resident. Shards are opened at their first read. Refused in one line at start-up: an
+    unfinished prepare (naming the units not done), and a missing or damaged shard (naming
+    its raw file). Every shard is checked by size from one listing of the source; its
+    content by the checksum an object store keeps (ETag, crc32c, compared with the one
+    recorded at prepare time: no read), or, locally, by its BLAKE2b, read once: the
+    shard's size and modification time are then recorded in `verified.json` beside the
+    manifest, and a later start reads only shards that changed since.
+    """
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer):
-        root = Path(path)
-        manifest_path = root / MANIFEST
-        if not manifest_path.exists():
+        self.root = root = str(path)
+        manifest_path = storage.join(root, MANIFEST)
+        if not storage.exists(manifest_path):
             raise ConfigError(f"{manifest_path} does not exist: run task=prepare for this data_mix first")
-        self.manifest = json.loads(manifest_path.read_text())
-        check_tokenizer(self.manifest, tokenizer, root)
-        names = [s for _, entry in sorted(self.manifest["files"].items()) for s in entry["shards"]]
-        if not names:
+        self.manifest = manifest = read_json(manifest_path)
+        check_tokenizer(manifest, tokenizer, root)
+        if not manifest.get("complete"):
+            done = storage.listing(storage.join(root, "units"))
+            missing = [u for u in manifest.get("pending", []) if f"{u}.json" not in done]
+            raise ConfigError(
+                f"{root}: its prepare did not finish: {len(missing)} units are not done ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); run task=prepare again (the units done are kept)"
+            )
+        self._shards = ordered_shards(manifest)
+        if not self._shards:
             raise ConfigError(f"{root}: the manifest lists no shards")
-        indexes = [np.load(root / "shards" / f"{n}.index.npz") for n in names]
-        self.lengths = np.concatenate([ix["lengths"] for ix in indexes])
-        self.meta = {
-            f: np.concatenate([ix[f"meta_{f}"] for ix in indexes]) for f in self.manifest["meta_fields"]
-        }
-        records = np.concatenate([ix["records"] for ix in indexes])
-        self._first_record = np.concatenate([[0], np.cumsum(records)])
-        self._chunk = int(self.manifest["chunk_tokens"])
-        self._dtype = np.dtype(self.manifest["token_dtype"])
-        self._source = ArrayRecordDataSource([str(root / "shards" / f"{n}.array_record") for n in names])
-        if len(self._source) != self._first_record[-1]:
-            raise ConfigError(f"{root}: shards hold {len(self._source)} records, indexes {self._first_record[-1]}")
+        self._check_shards()
+        self._dtype = np.dtype(manifest["token_dtype"])
+        index = self._open_index()
+        self.lengths = index("lengths.npy")
+        self._starts = index("starts.npy")
+        self.meta = _CodedMeta({f: (index(f"meta_{f}.npy"), index(f"meta_{f}.values.npy")) for f in manifest["meta_fields"]})
+        self._shard_starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self._shards])]).astype(np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+        if len(self.lengths) != manifest["index"]["documents"] or int(self._starts[-1]) != self._shard_starts[-1]:
+            raise ConfigError(f"{root}/index: {len(self.lengths)} documents of {int(self._starts[-1])} tokens, "
+                              f"the manifest says {manifest['index']['documents']} of {int(self._shard_starts[-1])}")
+
+    def _check_shards(self) -> None:
+        listed = storage.listing(storage.join(self.root, "shards"))
+        verified_path = storage.join(self.root, VERIFIED)
+        verified = read_json(verified_path) if VERIFIED in storage.listing(self.root) else {}
+        bad: list[tuple[dict, str]] = []
+        checked = {}
+        for s in self._shards:
+            found = listed.get(s["name"] + ".tokens")
+            if found is None:
+                bad.append((s, "missing"))
+            elif found[0] != s["bytes"]:
+                bad.append((s, f"{found[0]} bytes, not {s['bytes']}"))
+            elif found[1] == s.get("store_identity") or verified.get(s["name"]) == [*found, s["blake2b"]]:
+                continue
+            elif shard_digest(storage.join(self.root, "shards", s["name"] + ".tokens")) != s["blake2b"]:
+                bad.append((s, "its checksum differs"))
+            else:
+                checked[s["name"]] = [*found, s["blake2b"]]
+        if bad:
+            files = {u: e["paths"] for e in self.manifest["files"].values() for u in e["units"]}
+            named = [f"{s['name']} ({why}; from {(files.get(s['name'].rsplit('-', 1)[0]) or ['?'])[0]})" for s, why in bad[:3]]
+            raise ConfigError(
+                f"{self.root}: {len(bad)} of {len(self._shards)} shards are missing or damaged: {', '.join(named)}"
+                f"{', ...' if len(bad) > 3 else ''}; run task=prepare again to redo their units"
+            )
+        if checked:
+            try:  # a read-only copy of the data is checked again at the next start
+                write_json(verified_path, {**verified, **checked})
+            except OSError:
+                pass
+
+    def _open_index(self):
+        recorded = self.manifest["index"]
+
+        def load(name: str) -> np.ndarray:
+            path = storage.local_copy(storage.join(self.root, "index", name), index_cache_dir(), recorded["of"])
+            if path.stat().st_size != recorded["files"][name]:
+                raise ConfigError(f"{self.root}/index/{name}: {path.stat().st_size} bytes, the manifest says {recorded['files'][name]}; run task=prepare again")
+            return np.load(path, mmap_mode="r") if not name.endswith(".values.npy") else np.load(path)
+
+        return load
+
+    def _read(self, shard: int, start: int, stop: int) -> np.ndarray:
+        """Tokens `start:stop` of one shard: a slice of its memory map, or one ranged read."""
+        url = storage.join(self.root, "shards", self._shards[shard]["name"] + ".tokens")
+        if storage.is_url(url):
+            size = self._dtype.itemsize
+            return np.frombuffer(storage.read_range(url, start * size, stop * size), self._dtype)
+        mapped = self._maps.get(shard)
+        if mapped is None:
+            mapped = self._maps[shard] = np.memmap(url, self._dtype, "r")
+        return mapped[start:stop]
 
     def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         length = int(self.lengths[doc])
         stop = length if stop is None else min(stop, length)
         if start >= stop:
             return np.zeros(0, np.int32)
-        first, last = start // self._chunk, (stop - 1) // self._chunk
-        base = int(self._first_record[doc])
-        chunks = [np.frombuffer(self._source[base + k], self._dtype) for k in range(first, last + 1)]
-        offset = first * self._chunk
-        return np.concatenate(chunks)[start - offset : stop - offset].astype(np.int32)
+        first = int(self._starts[doc]) + start
+        shard = int(np.searchsorted(self._shard_starts, first, side="right")) - 1
+        offset = first - int(self._shard_starts[shard])
+        return self._read(shard, offset, offset + stop - start).astype(np.int32)
 
     def tokens_by(self, field: str) -> dict[str, int] | None:
         """Tokens per value of a metadata field, as counted by `prepare` (before any filter)."""
@@ -103,5 +203,14 @@ class ShardStore(DocumentStore):
         return self.manifest["totals"].get("dropped_short_by", {}).get(field, {})
 
 
+def shard_digest(path: str) -> str:
+    """BLAKE2b of a shard's bytes, read in one sequential pass."""
+    h = hashlib.blake2b(digest_size=16)
+    with fsspec.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # Totals that are not losses.
-_NOT_DROPS = {"documents", "tokens", "shards", "files", "records", "documents_read"}
+_NOT_DROPS = {"documents", "tokens", "shards", "files", "records", "documents_read", "units", "raw_bytes"}

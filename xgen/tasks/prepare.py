@@ -1,4 +1,8 @@
-"""task=prepare: tokenize the data_mix's raw sources into ArrayRecord shards and manifests."""
+"""task=prepare: tokenize the data_mix's raw sources into ArrayRecord shards and manifests.
+
+`prepare.dry_run=true` prepares nothing: it lists the corpus and estimates its tokens and
+hours from a sample (`xgen.data.estimate`), so a cluster is sized before it is paid for.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,20 @@ from xgen.config import XGenConfig
 log = logging.getLogger(__name__)
 
 
+def dry_run(cfg: XGenConfig, run_dir: Path) -> dict:
+    """The plan of a prepare, written to prepare_plan.json; no shard or manifest is written."""
+    from xgen.data.estimate import format_plan, plan_mix
+    from xgen.tokenizer import Tokenizer
+
+    plan = plan_mix(cfg.data_mix, cfg.prepare, Tokenizer.from_name(cfg.tokenizer.name))
+    log.info("prepare dry run of data_mix=%s (nothing prepared):\n%s", cfg.data_mix.name, format_plan(plan))
+    (run_dir / "prepare_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
+    if cfg.prepare.dry_run:
+        return dry_run(cfg, run_dir)
     from xgen.data.prepare import prepare_mix
     from xgen.tokenizer import Tokenizer
 
