@@ -28,6 +28,7 @@ from xgen.config import ConfigError, DataMixConfig, LoaderConfig, StageConfig
 from xgen.data.mixture import Part, integer_proportions, mixture_counts, select_parts
 from xgen.data.packing import PackedWindows, to_model_batch
 from xgen.data.sources import open_store
+from xgen.data.store import DocumentStore
 from xgen.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,29 @@ class DataPipeline:
         counts = mixture_counts(steps * self.global_batch, self.weights) if len(self.weights) > 1 else [steps * self.global_batch]
         return {n: round(c / len(p), 4) for n, c, p in zip(self.names, counts, self.parts)}
 
-    def write_report(self, run_dir: Path) -> None:
+    def consumed(self, steps: int) -> dict:
+        """Sequences and tokens each part and source gave to the first `steps` steps."""
+        counts = mixture_counts(steps * self.global_batch, self.weights) if len(self.weights) > 1 else [steps * self.global_batch]
+        seq_len = self.report["seq_len"]
+        parts = {n: {"sequences": c, "tokens": c * seq_len} for n, c in zip(self.names, counts)}
+        by_source: dict[str, int] = {}
+        for row in self.report["parts"]:
+            if row["part"] in parts:
+                by_source[row["source"]] = by_source.get(row["source"], 0) + parts[row["part"]]["tokens"]
+        return {"steps": steps, "parts": parts, "tokens_by_source": by_source}
+
+    def write_report(self, run_dir: Path, steps: int | None = None) -> None:
+        """data_mix.json; with `steps`, each source's reconciliation ends with the tokens the
+        run consumed from it."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "data_mix.json").write_text(json.dumps(self.report, indent=1) + "\n")
+        report = dict(self.report)
+        if steps is not None:
+            report["consumed"] = consumed = self.consumed(steps)
+            report["sources"] = {
+                name: {**src, "reconciliation": {**src["reconciliation"], "tokens_consumed": consumed["tokens_by_source"].get(name, 0)}}
+                for name, src in self.report["sources"].items()
+            }
+        (run_dir / "data_mix.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def sampling_weights(weights: list[float]) -> list[float]:
@@ -112,7 +133,9 @@ def build_pipeline(
         store = open_store(name, src, tokenizer, mix.seed)
         counts = store.prepare_counts()
         sources[name] = {"documents_prepared": len(store), **({"prepare": counts} if counts else {})}
-        for part in select_parts(name, src, store, mix, stage.name):
+        parts = select_parts(name, src, store, mix, stage.name)
+        sources[name]["reconciliation"] = reconcile(name, store, parts, mix)
+        for part in parts:
             packed = PackedWindows(store, part.docs, seq_len=stage.seq_len, eot_id=tokenizer.eos_id)
             row = {"source": name, "part": part.name, "configured_weight": part.weight, "weight": 0.0,
                    "documents": len(part.docs), "tokens": int(store.lengths[part.docs].sum()),
@@ -155,6 +178,58 @@ def build_pipeline(
     return DataPipeline(
         dataset, [p.name for p, _ in kept], [w for _, w in kept], weights, global_batch, read_options, report
     )
+
+
+def reconcile(name: str, store: DocumentStore, parts: list[Part], mix: DataMixConfig) -> dict:
+    """From raw bytes to the tokens this stage reads, every document accounted for:
+
+        records read = documents read + records dropped at prepare (bad UTF-8, JSON, field)
+        documents read = documents in shards + documents under min_doc_tokens at prepare
+        documents in shards = documents kept by the filters + removed by each filter
+        documents kept = documents of this stage's chunk + of the other stages' chunks
+
+    The prepare-side lines (the first two, and the manifest against the index) are checked:
+    a count that does not add up means documents went missing between the steps, and the
+    run is refused in one line rather than trained on a quietly smaller corpus. With the
+    run's steps, `write_report` adds the tokens consumed."""
+    totals = store.prepare_totals()
+    prepared, tokens_prepared = len(store), int(store.lengths.sum(dtype=np.int64))
+    by_filter: dict[str, int] = {}
+    selected_docs = selected_tokens = 0
+    for part in parts:
+        selected_docs += len(part.docs)
+        selected_tokens += int(store.lengths[part.docs].sum(dtype=np.int64))
+        for reason in ("min_doc_tokens", "license") + tuple(k for k in part.dropped if k.startswith("where:")):
+            by_filter[reason] = by_filter.get(reason, 0) + part.dropped.get(reason, 0)
+    kept = prepared - sum(by_filter.values())
+    out = {
+        "documents_prepared": prepared, "tokens_prepared": tokens_prepared,
+        "removed_by_filters": {k: v for k, v in by_filter.items() if v}, "documents_kept": kept,
+        "documents_this_stage": selected_docs, "tokens_this_stage": selected_tokens,
+    }  # fmt: skip
+    if totals:
+        drops = store.prepare_counts()
+        bad_records = sum(drops.get(k, 0) for k in ("invalid_utf8", "malformed_json", "missing_field"))
+        out = {"raw_bytes": totals["raw_bytes"], "records_read": totals["records"], "documents_read": totals["documents_read"],
+               "dropped_at_prepare": {k: v for k, v in drops.items() if v}, **out}  # fmt: skip
+        checks = [
+            ("records read", totals["records"], totals["documents_read"] + bad_records, "documents read + bad records"),
+            ("documents read", totals["documents_read"], totals["documents"] + drops.get("dropped_short", 0),
+             "documents in shards + dropped_short"),
+            ("documents in the manifest", totals["documents"], prepared, "documents in the index"),
+            ("tokens in the manifest", totals["tokens"], tokens_prepared, "tokens in the index"),
+        ]  # fmt: skip
+        for what, have, want, of in checks:
+            if have != want:
+                raise ConfigError(
+                    f"data_mix.sources.{name}: {what} {have:,} != {of} {want:,}: documents went missing in the "
+                    f"prepared data at {store_path(store)}; prepare it again into a new directory"
+                )
+    return out
+
+
+def store_path(store: DocumentStore) -> str:
+    return getattr(store, "root", "(built-in corpus)")
 
 
 def _log_table(rows: list[dict], seq_len: int) -> None:

@@ -123,7 +123,8 @@ def select_parts(name: str, src: SourceConfig, store: DocumentStore, mix: DataMi
     if src.weight_by not in store.meta:
         raise ConfigError(f"data_mix.sources.{name}.weight_by={src.weight_by!r}: the data has no such metadata")
     # Array operations over the distinct values (a few dozen), never a loop per document.
-    values, code = _value_codes(store.meta[src.weight_by])
+    coded = getattr(store.meta, "codes", None)  # a prepared source's index stores them already
+    code, values = coded(src.weight_by) if coded else _value_codes(store.meta[src.weight_by])[::-1]
     several = np.char.find(values, LIST_SEP) >= 0
     if several.any():
         count = int(np.bincount(code, minlength=len(values))[several].sum())

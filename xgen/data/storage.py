@@ -70,6 +70,7 @@ def exists(path: str | Path) -> bool:
     if not is_url(path):
         return os.path.exists(path)
     fs, p = filesystem(path)
+    fs.invalidate_cache(p)  # fsspec answers from its last listing, which another process may have outdated
     return fs.exists(p)
 
 
@@ -121,8 +122,8 @@ def remove(path: str | Path) -> None:
 
 def identity(info: dict) -> str:
     """What says a file is unchanged, from the store's metadata (no read): S3's ETag, GCS's
-    crc32c (then generation), locally the modification time in nanoseconds."""
-    for key in ("ETag", "etag", "crc32c", "generation", "md5Hash", "mtime_ns"):
+    crc32c, functions of the bytes; locally the modification time in nanoseconds."""
+    for key in ("ETag", "crc32c", "md5Hash", "mtime_ns"):  # not GCS's etag/generation: new on every write
         if info.get(key):
             return f"{key}:{str(info[key]).strip(chr(34))}"
     mtime = info.get("mtime") or info.get("updated") or info.get("LastModified") or ""
@@ -135,6 +136,7 @@ def stat(path: str) -> tuple[int, str]:
         st = os.stat(path)
         return st.st_size, f"mtime_ns:{st.st_mtime_ns}"
     fs, p = filesystem(path)
+    fs.invalidate_cache(p)
     info = fs.info(p)
     return int(info["size"]), identity(info)
 

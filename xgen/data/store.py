@@ -40,6 +40,10 @@ class DocumentStore:
         """What `prepare` dropped or skipped, by reason (nothing for built-in corpora)."""
         return {}
 
+    def prepare_totals(self) -> dict[str, int]:
+        """`prepare`'s counts of what it read and kept (raw bytes, records, documents)."""
+        return {}
+
     def dropped_short_by(self, field: str) -> dict[str, int]:
         """Documents under min_doc_tokens dropped at prepare time, per value of `field`."""
         return {}
@@ -198,6 +202,10 @@ class ShardStore(DocumentStore):
     def prepare_counts(self) -> dict[str, int]:
         totals = self.manifest["totals"]
         return {k: v for k, v in totals.items() if isinstance(v, int) and k not in _NOT_DROPS}
+
+    def prepare_totals(self) -> dict[str, int]:
+        totals = self.manifest["totals"]
+        return {k: totals.get(k, 0) for k in ("raw_bytes", "records", "documents_read", "documents", "tokens")}
 
     def dropped_short_by(self, field: str) -> dict[str, int]:
         return self.manifest["totals"].get("dropped_short_by", {}).get(field, {})

@@ -29,4 +29,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     trainer = Trainer(cfg, run_dir, runtime=runtime)
     if jax.process_index() == 0:
         pipeline.write_report(run_dir)  # what each part holds, weighs and lost: data_mix.json
-    return trainer.fit(pipeline)
+    summary = trainer.fit(pipeline)
+    if jax.process_index() == 0:  # and what the run consumed of each source
+        pipeline.write_report(run_dir, steps=summary["steps"])
+    return summary
