@@ -99,7 +99,8 @@ def engine_session(opts: PrepareConfig) -> Iterator[None]:
         if opts.ray_address:
             ray.init(address=opts.ray_address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(opts.workers, 1), include_dashboard=False, log_to_driver=False)
+            # address="local": a new Ray of our own, never one `ray start` left on the machine
+            ray.init(address="local", num_cpus=max(opts.workers, 1), include_dashboard=False, log_to_driver=False)
             started = True
     try:
         yield
