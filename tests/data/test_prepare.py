@@ -253,3 +253,45 @@ def test_a_source_that_gives_no_document_is_a_one_line_error_naming_the_counts(t
     spec = RawInputConfig(paths=[str(raw / "*.jsonl")], text_field="content")  # StarCoder's name, not this file's
     with pytest.raises(ConfigError, match=r"2 files under .* gave no document \(\{'missing_field': 6, 'records': 6\}\); check raw.text_field='content'"):
         prepare_source("s", tmp_path / "out", spec, Tokenizer.xgen(), 10, PrepareConfig(workers=0))
+
+
+def copy_prepared(synthetic_data: Path, to: Path) -> Path:
+    shutil.copytree(synthetic_data / "synthetic" / "prepared", to / "synthetic" / "prepared")
+    return to / "synthetic" / "prepared"
+
+
+def test_a_missing_or_truncated_shard_is_refused_at_start_up_naming_its_raw_file(synthetic_data, tmp_path):
+    prepared = copy_prepared(synthetic_data, tmp_path)
+    shards = sorted((prepared / "natural_language" / "shards").glob("*.tokens"))
+    shards[0].unlink()
+    with pytest.raises(ConfigError, match=rf"1 of {len(shards)} shards are missing or damaged: {shards[0].stem} \(missing; from .*/prose/.*\); run task=prepare again"):
+        ShardStore(prepared / "natural_language", Tokenizer.xgen())
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[:-2])
+    with pytest.raises(ConfigError, match=rf"2 of .* \({len(data) - 2} bytes, not {len(data)}; from "):
+        ShardStore(prepared / "natural_language", Tokenizer.xgen())
+
+
+def test_a_damaged_shard_stops_training_at_start_up_in_one_line_and_a_checked_one_is_not_read_again(synthetic_data, tmp_path, monkeypatch):
+    from xgen.data import store as store_module
+
+    prepared = copy_prepared(synthetic_data, tmp_path)
+    store = ShardStore(prepared / "natural_language", Tokenizer.xgen())  # checks every shard once
+    verified = json.loads((prepared / "natural_language" / "verified.json").read_text())
+    assert len(verified) == store.manifest["totals"]["shards"]
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "shard_digest", lambda path: pytest.fail(f"{path} was read again"))
+        ShardStore(prepared / "natural_language", Tokenizer.xgen())
+    shard = sorted((prepared / "natural_language" / "shards").glob("*.tokens"))[1]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # one flipped bit-pattern, same size
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "xgen.run", "data_mix=synthetic", "stage=s1_2k", f"data_dir={tmp_path}", "model=tiny", "trainer.steps=1",
+         "stage.batch_tokens=4096", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{shard.stem} (its checksum differs; from " in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
