@@ -8,7 +8,9 @@ an error in the data itself (a `ConfigError`) is not retried: it would fail agai
 `local` runs units in spawned processes (safe beside JAX's threads); a dead process
 breaks the pool, which is rebuilt and given the unfinished units. `ray` joins the cluster
 at `ray_address`, or starts a local Ray for the task and stops it after; at most
-`workers` units are in flight, so the driver's memory does not grow with the corpus.
+`workers` units are in flight (Ray would run every task it is given on an idle cluster), so
+`workers` is the parallelism on either engine and the driver's memory does not grow with
+the corpus.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _ray(jobs: list[UnitJob], opts: PrepareConfig) -> Iterator[dict]:
         running: dict = {}
         limit = max(opts.workers, 1)
         while todo or running:
-            while todo and len(running) < 2 * limit:
+            while todo and len(running) < limit:  # Ray runs all it is given at once, cluster permitting
                 job = todo.pop()
                 running[task.remote(job)] = job
             ready, _ = ray.wait(list(running), num_returns=1)

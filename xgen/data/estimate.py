@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bz2
 import lzma
-import math
 import os
 import platform
 import time
@@ -36,6 +35,7 @@ import fsspec
 from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig
 from xgen.data.inputs import RawFile, expand_paths
 from xgen.data.readers import COMPRESSIONS, detect_format, read_documents
+from xgen.data.units import plan_units
 from xgen.tokenizer import Tokenizer
 
 SAMPLE_FILES = 8  # files sampled per source
@@ -99,11 +99,8 @@ def _compression(path: str) -> str | None:
 
 
 def units_of(path: str, size: int, spec: RawInputConfig, split_bytes: int) -> int:
-    """Work units of one file: an uncompressed JSON Lines file over split_bytes is cut into
-    byte ranges, anything else is one unit."""
-    if _compression(path) is None and detect_format(path, spec.format) == "jsonl" and split_bytes > 0:
-        return max(1, math.ceil(size / split_bytes))
-    return 1
+    """Work units of one file, by prepare's own rule (`xgen.data.units.plan_units`)."""
+    return len(plan_units(path, (), (size, ""), spec, split_bytes))
 
 
 def spread(items: list, k: int = SAMPLE_FILES) -> list:

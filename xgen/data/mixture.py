@@ -84,19 +84,24 @@ def _filters(name: str, src: SourceConfig, store: DocumentStore, mix: DataMixCon
                 f"data_mix.sources.{name}.{key} is set but its data has no `{fld}` metadata "
                 f"(fields: {sorted(store.meta) or 'none'}; add it to raw.meta and prepare again)"
             )
-        values = store.meta[fld]
-        if label == "license" and not (values != "").any():
+        # On a prepared index the filter is decided once per distinct value, then looked up
+        # by each document's code: no string per document is ever built.
+        coded = getattr(store.meta, "codes", None)
+        codes, distinct = coded(fld) if coded else (None, None)
+        if coded:
+            present = distinct[np.bincount(codes, minlength=len(distinct)) > 0]
+        if label == "license" and not ((present if coded else store.meta[fld]) != "").any():
             raise ConfigError(
-                f"data_mix.sources.{name}.licenses is set but none of its {len(values)} documents carries a license "
+                f"data_mix.sources.{name}.licenses is set but none of its {len(store)} documents carries a license "
                 "(StarCoderData is already filtered to permissive licenses: set licenses: null; "
                 "The Stack: raw.meta.license: max_stars_repo_licenses)"
             )
-        ok = matches(values, allowed, casefold=casefold)
+        ok = matches(distinct, allowed, casefold=casefold)[codes] if coded else matches(store.meta[fld], allowed, casefold=casefold)
         removed[label] = keep & ~ok
         if not (keep & ok).any() and not src.allow_empty:
             raise ConfigError(
                 f"data_mix.sources.{name}.{key}={allowed} keeps 0 of {int(keep.sum())} documents "
-                f"(values: {_seen(values[keep])}); set allow_empty: true to run without it"
+                f"(values: {_seen(store.meta[fld][keep])}); set allow_empty: true to run without it"
             )
         keep &= ok
     return keep, removed

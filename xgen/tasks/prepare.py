@@ -1,4 +1,5 @@
-"""task=prepare: tokenize the data_mix's raw sources into ArrayRecord shards and manifests.
+"""task=prepare: tokenize the data_mix's raw sources into shards, indexes and manifests
+(or, with prepare.dry_run, estimate what that takes).
 
 `prepare.dry_run=true` prepares nothing: it lists the corpus and estimates its tokens and
 hours from a sample (`xgen.data.estimate`), so a cluster is sized before it is paid for.
