@@ -150,17 +150,22 @@ def starcoderdata(root: Path, rows_per_file: int = 12) -> Path:
 STACK_LICENSES = [["mit"], ["gpl-3.0", "apache-2.0"], ["gpl-2.0"], [], ["BSD-3-Clause"], ["agpl-3.0", "lgpl-2.1"]]
 
 
-def the_stack(root: Path, langs: dict[str, int] | None = None) -> Path:
-    """The Stack dedup: data/<lang>/data-000NN-of-000MM.parquet with list-typed license columns."""
+STACK_NAMES = {"python": "Python", "go": "Go", "javascript": "JavaScript"}  # the `lang` column's values
+STACK_EXT = {"python": "py", "javascript": "js"}
+
+
+def the_stack(root: Path, langs: dict[str, int] | None = None, licenses_of=None, seed: int = 200) -> Path:
+    """The Stack dedup: data/<lang>/data-000NN-of-000MM.parquet with list-typed license columns.
+    `licenses_of(lang, i)` gives row i's license list (default: STACK_LICENSES, cycled)."""
     for lang, n in (langs or {"python": 24, "go": 12}).items():
-        texts = code(lang, n, seed=200 + len(lang))
-        licenses = [STACK_LICENSES[i % len(STACK_LICENSES)] for i in range(n)]
+        texts = code(lang, n, seed=seed + len(lang))
+        licenses = [licenses_of(lang, i) if licenses_of else STACK_LICENSES[i % len(STACK_LICENSES)] for i in range(n)]
         list_of_str = pa.list_(pa.string())
         table = pa.table({
             "hexsha": pa.array([f"{i:040x}" for i in range(n)], pa.string()),
             "size": pa.array([len(t) for t in texts], pa.int64()),
-            "ext": pa.array(["py" if lang == "python" else lang] * n, pa.string()),
-            "lang": pa.array([lang.capitalize() if lang != "go" else "Go"] * n, pa.string()),
+            "ext": pa.array([STACK_EXT.get(lang, lang)] * n, pa.string()),
+            "lang": pa.array([STACK_NAMES[lang]] * n, pa.string()),
             "max_stars_repo_path": pa.array([f"pkg/{i}.{lang}" for i in range(n)], pa.string()),
             "max_stars_repo_name": pa.array([f"org/{lang}-{i}" for i in range(n)], pa.string()),
             "max_stars_repo_head_hexsha": pa.array([f"{i:040x}" for i in range(n)], pa.string()),

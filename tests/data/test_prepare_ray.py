@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.data.test_prepare_units import spec_for, tree, write_lines_corpus
+from tests.data.test_prepare_units import kill_one_when, spec_for, tree, write_lines_corpus
 from xgen.config import PrepareConfig
 from xgen.data.prepare import prepare_source
 from xgen.tokenizer import Tokenizer
@@ -61,26 +60,12 @@ def _unit_workers() -> list[int]:
 @pytest.mark.parametrize("after_units", [0, 30, 120])
 def test_a_ray_worker_killed_mid_unit_is_retried_and_the_output_is_byte_identical(cluster, corpus, tmp_path, after_units):
     raw, reference = corpus
-    units = tmp_path / "out" / "units"
-    killed: list[int] = []
-    done = threading.Event()
-
-    def kill_one():  # the first worker busy with a unit once `after_units` units are done
-        while not done.is_set():
-            busy = _unit_workers()
-            if busy and len(list(units.glob("*.json"))) >= after_units:
-                os.kill(busy[0], signal.SIGKILL)
-                killed.append(busy[0])
-                return
-            time.sleep(0.002)
-
-    killer = threading.Thread(target=kill_one, daemon=True)
-    killer.start()
+    thread, done, killed = kill_one_when(_unit_workers, tmp_path / "out" / "units", after_units)
     try:
         prepare_source("s", tmp_path / "out", spec_for(raw), TOK, 5, PrepareConfig(engine="ray", workers=2, **OPTS))
     finally:
         done.set()
-        killer.join()
+        thread.join()
     assert killed, "no unit was running to kill"
     assert tree(tmp_path / "out") == reference
     assert sum(name.startswith("units/") for name in reference) > 120

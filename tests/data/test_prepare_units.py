@@ -3,9 +3,14 @@
 import gzip
 import hashlib
 import json
+import os
 import random
+import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -112,35 +117,49 @@ def test_changing_split_bytes_on_prepared_data_is_refused_in_one_line(tmp_path):
         prepare_source("s", tmp_path / "out", spec_for(raw), TOK, 5, PrepareConfig(workers=0, split_bytes=70_000))
 
 
-def test_a_local_worker_process_killed_mid_prepare_is_replaced_and_the_output_is_byte_identical(tmp_path, caplog):
-    import os
-    import signal
-    import threading
-    import time
+def kill_one_when(find: Callable[[], list[int]], units: Path, after_units: int) -> tuple[threading.Thread, threading.Event, list[int]]:
+    """A thread that SIGKILLs the first process `find` names once `after_units` completion
+    records exist under `units`; set the event to stop it, then join it."""
+    killed, done = [], threading.Event()
 
+    def run():
+        while not done.is_set():
+            pids = find()
+            if pids and len(list(units.glob("*.json"))) >= after_units:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done, killed
+
+
+def _pool_workers() -> list[int]:
+    """This process's spawned pool workers."""
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+            if _parent(p) == os.getpid() and b"spawn_main" in _read(p.parent / "cmdline")]  # fmt: skip
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def test_a_local_worker_process_killed_mid_prepare_is_replaced_and_the_output_is_byte_identical(tmp_path, caplog):
     raw = write_lines_corpus(tmp_path / "raw", files=2, records=400)
     opts = PrepareConfig(workers=2, split_bytes=30_000)
     prepare_source("s", tmp_path / "clean", spec_for(raw), TOK, 5, opts)
-    units, killed, done = tmp_path / "out" / "units", [], threading.Event()
-
-    def kill_a_worker():  # a pool process (a spawned child of this one) once 10 units are done
-        while not done.is_set():
-            children = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-                        if _parent(p) == os.getpid() and b"spawn_main" in (p.parent / "cmdline").read_bytes()]  # fmt: skip
-            if children and len(list(units.glob("*.json"))) >= 10:
-                os.kill(children[0], signal.SIGKILL)
-                killed.append(children[0])
-                return
-            time.sleep(0.005)
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
-    killer.start()
+    thread, done, killed = kill_one_when(_pool_workers, tmp_path / "out" / "units", after_units=10)
     caplog.set_level("WARNING")
     try:
         prepare_source("s", tmp_path / "out", spec_for(raw), TOK, 5, opts)
     finally:
         done.set()
-        killer.join()
+        thread.join()
     assert killed and "a worker process died" in caplog.text
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
 

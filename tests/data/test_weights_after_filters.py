@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import compose_config
 from tests.data import released
+from tests.data.test_released_layouts import configure as configure_mix
 from xgen.config import ConfigError, DataMixConfig, SourceConfig
 from xgen.data import build_pipeline
 from xgen.data.addresses import LIST_SEP
@@ -27,7 +25,6 @@ from xgen.tokenizer import Tokenizer
 from xgen.tokenizer.xgen import encode_to_arrays
 
 TOK = Tokenizer.xgen()
-SEQ = 64
 MIN_DOC_TOKENS = 100  # data_mix.min_doc_tokens, the report's rule
 LANGS = {"go": "Go", "python": "Python", "javascript": "JavaScript"}
 DOCS_PER_LANG = 20
@@ -44,30 +41,7 @@ def stack_licenses(lang: str, i: int) -> list[str]:
 
 def write_the_stack(root):
     """data/<lang>/data-00000-of-00001.parquet with The Stack dedup's columns, list-typed licenses."""
-    for lang, name in LANGS.items():
-        texts = released.code(lang, DOCS_PER_LANG, seed=300 + len(lang))
-        licenses = [stack_licenses(lang, i) for i in range(len(texts))]
-        n, list_of_str = len(texts), pa.list_(pa.string())
-        table = pa.table({
-            "hexsha": pa.array([f"{i:040x}" for i in range(n)], pa.string()),
-            "size": pa.array([len(t) for t in texts], pa.int64()),
-            "ext": pa.array([{"python": "py", "javascript": "js"}.get(lang, lang)] * n, pa.string()),
-            "lang": pa.array([name] * n, pa.string()),
-            "max_stars_repo_path": pa.array([f"pkg/{i}.{lang}" for i in range(n)], pa.string()),
-            "max_stars_repo_name": pa.array([f"org/{lang}-{i}" for i in range(n)], pa.string()),
-            "max_stars_repo_head_hexsha": pa.array([f"{i:040x}" for i in range(n)], pa.string()),
-            "max_stars_repo_licenses": pa.array(licenses, list_of_str),
-            "max_stars_count": pa.array([float(i) if i % 2 else None for i in range(n)], pa.float64()),
-            "max_issues_repo_licenses": pa.array(licenses, list_of_str),
-            "max_forks_repo_licenses": pa.array(licenses, list_of_str),
-            "content": pa.array(texts, pa.string()),
-            "avg_line_length": pa.array([30.0] * n, pa.float64()),
-            "max_line_length": pa.array([60] * n, pa.int64()),
-            "alphanum_fraction": pa.array([0.7] * n, pa.float64()),
-        })  # fmt: skip
-        path = root / "data" / lang / "data-00000-of-00001.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
+    released.the_stack(root, {lang: DOCS_PER_LANG for lang in LANGS}, licenses_of=stack_licenses, seed=300)
 
 
 def expected_shares() -> tuple[dict[str, float], dict[str, float]]:
@@ -85,10 +59,7 @@ def expected_shares() -> tuple[dict[str, float], dict[str, float]]:
 
 
 def configure(data_dir, *overrides):
-    return compose_config(
-        "data_mix=stage2_the_stack", f"data_dir={data_dir}", "prepare.workers=0", f"stage.seq_len={SEQ}",
-        f"stage.batch_tokens={SEQ * 40}", *overrides,
-    )  # fmt: skip
+    return configure_mix(data_dir, "stage2_the_stack", *overrides)
 
 
 @pytest.fixture(scope="module")

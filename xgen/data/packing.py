@@ -26,7 +26,7 @@ class PackedWindows:
 
     def __init__(self, store: DocumentStore, docs: np.ndarray, *, seq_len: int, eot_id: int):
         self.store, self.docs, self.seq_len, self.eot_id = store, np.asarray(docs), seq_len, eot_id
-        sizes = store.lengths[self.docs] + 1  # + end-of-text
+        sizes = store.lengths[self.docs].astype(np.int64) + 1  # + end-of-text (int64: a prepared index stores uint32)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.total_tokens = int(self.offsets[-1])
         self._len = max((self.total_tokens - 1) // seq_len, 0)

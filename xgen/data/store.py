@@ -10,6 +10,7 @@ store), not the whole document.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,8 @@ from xgen.config import ConfigError
 from xgen.data import storage
 from xgen.data.shards import MANIFEST, VERIFIED, check_tokenizer, ordered_shards, read_json, write_json
 from xgen.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class DocumentStore:
@@ -158,10 +161,10 @@ class ShardStore(DocumentStore):
                 f"{', ...' if len(bad) > 3 else ''}; run task=prepare again to redo their units"
             )
         if checked:
-            try:  # a read-only copy of the data is checked again at the next start
+            try:  # a read-only copy of the data (or bucket) is checked again at the next start
                 write_json(verified_path, {**verified, **checked})
-            except OSError:
-                pass
+            except Exception as ex:  # noqa: BLE001 - a cache: any store's refusal only costs a re-check
+                log.info("%s: cannot record the shards checked (%s); they are checked again at the next start", self.root, ex)
 
     def _open_index(self):
         recorded = self.manifest["index"]
