@@ -159,3 +159,40 @@ def test_unprepared_data_is_refused_in_one_line(tmp_path):
     cfg = compose_config("data_mix=stage1", f"data_dir={tmp_path}")
     with pytest.raises(ConfigError, match="run task=prepare"):
         build_pipeline(cfg.data_mix, cfg.stage, TOK)
+
+
+def test_data_mix_json_accounts_for_every_document_from_raw_bytes_to_tokens_consumed(synthetic_data, tmp_path):
+    cfg = synthetic(synthetic_data)
+    pipe = build_pipeline(cfg.data_mix, cfg.stage, TOK)
+    pipe.write_report(tmp_path, steps=7)
+    report = json.loads((tmp_path / "data_mix.json").read_text())
+    rec = report["sources"]["natural_language"]["reconciliation"]
+    raw = synthetic_data / "synthetic" / "raw" / "prose"
+    assert rec["raw_bytes"] == sum(p.stat().st_size for p in raw.iterdir())  # every byte read, once
+    at_prepare = rec["dropped_at_prepare"]
+    bad = sum(at_prepare.get(k, 0) for k in ("invalid_utf8", "malformed_json", "missing_field"))
+    assert bad > 0 and rec["records_read"] == rec["documents_read"] + bad
+    assert rec["documents_read"] == rec["documents_prepared"] + at_prepare["dropped_short"]
+    assert rec["documents_prepared"] == rec["documents_kept"] + sum(rec["removed_by_filters"].values())
+    assert 0 < rec["documents_this_stage"] <= rec["documents_kept"]
+    code = report["sources"]["starcoder"]["reconciliation"]
+    assert code["removed_by_filters"]["license"] > 0  # the GPL files, counted where they were removed
+    consumed = report["consumed"]
+    assert consumed["steps"] == 7 and sum(consumed["tokens_by_source"].values()) == 7 * cfg.stage.batch_tokens
+    assert {name: s["reconciliation"]["tokens_consumed"] for name, s in report["sources"].items()} == consumed["tokens_by_source"]
+
+
+def test_prepared_counts_that_do_not_add_up_are_refused_at_start_up(synthetic_data, tmp_path):
+    import shutil
+
+    src = synthetic_data / "synthetic" / "prepared" / "natural_language"
+    copy = tmp_path / "synthetic" / "prepared" / "natural_language"
+    shutil.copytree(src, copy)
+    for other in ("code", "starcoder"):
+        shutil.copytree(src.parent / other, copy.parent / other)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["totals"]["records"] += 3  # three documents read that neither the shards nor a drop count holds
+    manifest["totals"]["documents_read"] += 3
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"natural_language: documents read .* != documents in shards \+ dropped_short .*went missing"):
+        build_pipeline(synthetic(tmp_path).data_mix, synthetic(tmp_path).stage, TOK)
