@@ -5,7 +5,7 @@
 
 The source is written directly in `xgen.data.shards`' layout (index arrays as `prepare`
 writes them; shards as sparse files of the recorded sizes, so 10^10 tokens take no disk)
-with `verified.json` saying every shard was checked: the start-up of a restart, the one a
+with `verified.json` saying every shard and index file was checked: the start-up of a restart, the one a
 run of weeks repeats. A first start also reads every local shard once to check its BLAKE2b;
 that cost is the disk's read rate and is not part of this figure.
 
@@ -41,7 +41,7 @@ SHARD_TOKENS = 50_000_000
 
 def build(root: Path, documents: int, seed: int = 0) -> dict:
     from xgen.config import RawInputConfig
-    from xgen.data.shards import new_manifest, summarize, write_json
+    from xgen.data.shards import file_digest, new_manifest, summarize, write_json
     from xgen.tokenizer import Tokenizer
 
     tok = Tokenizer.xgen()
@@ -87,10 +87,11 @@ def build(root: Path, documents: int, seed: int = 0) -> dict:
         "paths": [], "units": ["bench"], "shards": shards, "documents": documents, "tokens": total,
         "counts": {"documents_read": documents, "records": documents}, "tokens_by": {},
     }  # fmt: skip
-    manifest["index"] = {
-        "documents": documents, "fields": {"source": 5, "language": 30}, "of": "bench",
-        "files": {p.name: p.stat().st_size for p in sorted(index.iterdir())},
-    }  # fmt: skip
+    files = {p.name: {"bytes": p.stat().st_size, "blake2b": file_digest(p)} for p in sorted(index.iterdir())}
+    manifest["index"] = {"documents": documents, "fields": {"source": 5, "language": 30}, "of": "bench", "files": files}
+    for name, entry in files.items():  # checked once, as a first start does
+        st = (index / name).stat()
+        verified[f"index/{name}"] = [st.st_size, f"mtime_ns:{st.st_mtime_ns}", entry["blake2b"]]
     manifest["totals"] = summarize(manifest)
     manifest["complete"] = True
     write_json(root / "manifest.json", manifest)

@@ -273,14 +273,15 @@ def test_a_missing_or_truncated_shard_is_refused_at_start_up_naming_its_raw_file
 
 
 def test_a_damaged_shard_stops_training_at_start_up_in_one_line_and_a_checked_one_is_not_read_again(synthetic_data, tmp_path, monkeypatch):
-    from xgen.data import store as store_module
+    from xgen.data import shards as shards_module
 
     prepared = copy_prepared(synthetic_data, tmp_path)
     store = ShardStore(prepared / "natural_language", Tokenizer.xgen())  # checks every shard once
     verified = json.loads((prepared / "natural_language" / "verified.json").read_text())
-    assert len(verified) == store.manifest["totals"]["shards"]
+    assert len([k for k in verified if not k.startswith("index/")]) == store.manifest["totals"]["shards"]
+    assert {k for k in verified if k.startswith("index/")} == {f"index/{n}" for n in store.manifest["index"]["files"]}
     with monkeypatch.context() as m:
-        m.setattr(store_module, "shard_digest", lambda path: pytest.fail(f"{path} was read again"))
+        m.setattr(shards_module, "file_digest", lambda path: pytest.fail(f"{path} was read again"))
         ShardStore(prepared / "natural_language", Tokenizer.xgen())
     shard = sorted((prepared / "natural_language" / "shards").glob("*.tokens"))[1]
     data = bytearray(shard.read_bytes())
@@ -295,3 +296,26 @@ def test_a_damaged_shard_stops_training_at_start_up_in_one_line_and_a_checked_on
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{shard.stem} (its checksum differs; from " in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_running_prepare_again_redoes_a_damaged_shard_and_a_damaged_index_file(tmp_path):
+    raw = small_source(tmp_path, n=40)
+    out = tmp_path / "prepared"
+    first = prep(tmp_path, out, str(raw / "*.jsonl"))
+    before = all_texts(out)
+    shard = sorted((out / "shards").glob("*.tokens"))[0]
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "index" / "lengths.npy").write_bytes((out / "index" / "lengths.npy").read_bytes()[:-4])
+    with pytest.raises(ConfigError, match=r"1 of 2 shards and 1 of \d+ index files are missing or damaged"):
+        ShardStore(out, Tokenizer.xgen())
+    assert prep(tmp_path, out, str(raw / "*.jsonl")) == first
+    assert all_texts(out) == before
+    (raw / "part-0.jsonl").unlink()  # its raw file gone: a damaged shard cannot be redone
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = [e for e in manifest["files"].values() if any(p.endswith("part-0.jsonl") for p in e["paths"])]
+    shard = out / "shards" / (entry["shards"][0]["name"] + ".tokens")
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(ConfigError, match=r"are missing or damaged and the raw file is gone"):
+        prep(tmp_path, out, str(raw / "*.jsonl"))

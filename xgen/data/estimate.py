@@ -32,9 +32,11 @@ from typing import Callable
 
 import fsspec
 
-from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig
-from xgen.data.inputs import RawFile, expand_paths
-from xgen.data.readers import COMPRESSIONS, detect_format, read_documents
+from xgen.config import DataMixConfig, PrepareConfig, RawInputConfig
+from xgen.data import storage
+from xgen.data.inputs import RawFile, source_files
+from xgen.data.prepare import sources_to_prepare
+from xgen.data.readers import COMPRESSIONS, corrupt_file_errors, detect_format, read_documents
 from xgen.data.units import plan_units
 from xgen.tokenizer import Tokenizer
 
@@ -72,26 +74,15 @@ def cpu_name() -> str:
 
 
 def stored_sizes(paths: list[str]) -> list[int]:
-    """Bytes on storage of each path, from metadata only. URLs are listed one folder at a
-    time (one request per folder, not per file); a file the listing misses is asked for."""
-    sizes: dict[str, int] = {}
-    folders: dict[tuple, list[str]] = {}
+    """Bytes on storage of each path, from metadata only: one listing per folder (one request
+    on an object store, not one per file); a file the listing misses is asked for."""
+    folders: dict[str, dict] = {}
+    sizes = []
     for p in paths:
-        if "://" not in p:
-            sizes[p] = os.stat(p).st_size
-            continue
-        fs, stripped = fsspec.core.url_to_fs(p)
-        folders.setdefault((fs, stripped.rstrip("/").rsplit("/", 1)[0]), []).append(p)
-    for (fs, folder), urls in folders.items():
-        try:
-            listed = {e["name"].rstrip("/"): e.get("size") for e in fs.ls(folder, detail=True)}
-        except (OSError, NotImplementedError):
-            listed = {}
-        for url in urls:
-            stripped = fsspec.core.url_to_fs(url)[1].rstrip("/")
-            size = listed.get(stripped)
-            sizes[url] = int(size if size is not None else fs.info(stripped)["size"])
-    return [sizes[p] for p in paths]
+        folder, name = p.rstrip("/").rsplit("/", 1)
+        listed = folders.setdefault(folder, storage.listing(folder))
+        sizes.append(listed[name][0] if name in listed else storage.stat(p)[0])
+    return sizes
 
 
 def _compression(path: str) -> str | None:
@@ -121,17 +112,6 @@ def _decompressor(compression: str) -> Callable[[], object]:
     return zstandard.ZstdDecompressor().decompressobj
 
 
-def _corrupt() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [EOFError, OSError, zlib.error, lzma.LZMAError]
-    try:
-        import zstandard
-
-        errors.append(zstandard.ZstdError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def read_prefix(path: str, budget: int, whole_line: bool = False) -> tuple[bytes, int, bool]:
     """(decompressed bytes, at least `budget` of them unless the file is shorter, and with
     `whole_line` at least one line end; stored bytes consumed; whether that was the whole
@@ -153,7 +133,7 @@ def read_prefix(path: str, budget: int, whole_line: bool = False) -> tuple[bytes
                 while chunk and d is not None:
                     new.append(d.decompress(chunk))
                     chunk, d = (d.unused_data, make()) if d.eof else (b"", d)
-            except _corrupt():
+            except corrupt_file_errors("jsonl"):
                 return b"".join(out + new), consumed, True
             new = new if d is not None else [chunk]
             out += new
@@ -237,10 +217,7 @@ def _weighted(samples: list[tuple[Sample, int]], field: str) -> float:
 
 def plan_source(name: str, spec: RawInputConfig, opts: PrepareConfig, tok: Tokenizer, min_doc_tokens: int) -> dict:
     """Listing and estimates of one source (the same files the prepare would read)."""
-    expanded = expand_paths(spec.paths)
-    if not expanded.files:
-        dangling = f" ({len(expanded.dangling_symlinks)} dangling symlinks)" if expanded.dangling_symlinks else ""
-        raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file{dangling}")
+    expanded = source_files(name, spec)
     for f in expanded.files:
         detect_format(f.path, spec.format)  # refuses what the prepare would refuse, now
     sizes = dict(zip([f.path for f in expanded.files], stored_sizes([f.path for f in expanded.files])))
@@ -283,14 +260,9 @@ def plan_source(name: str, spec: RawInputConfig, opts: PrepareConfig, tok: Token
 def plan_mix(mix: DataMixConfig, opts: PrepareConfig, tok: Tokenizer) -> dict:
     """The dry run's figures for every source `prepare_mix` would prepare: kind=prepared with
     raw inputs, a `path` shared by several sources counted once. Nothing is written."""
-    todo = {name: src for name, src in mix.sources.items() if src.kind == "prepared" and src.raw is not None}
-    if not todo:
-        raise ConfigError(f"data_mix={mix.name} has no source with kind=prepared and raw inputs to prepare")
-    by_path: dict[str, str] = {}
-    for name, src in todo.items():
-        by_path.setdefault(src.path, name)
+    todo = sources_to_prepare(mix)
     tok.encoding.encode_ordinary_batch(["warm up the tokenizer before timing it"], num_threads=1)
-    sources = {name: plan_source(name, todo[name].raw, opts, tok, mix.min_doc_tokens) for name in by_path.values()}
+    sources = {name: plan_source(name, src.raw, opts, tok, mix.min_doc_tokens) for name, src in todo.items()}
     keys = ("files", "units", "bytes", "estimated_tokens", "estimated_tokens_kept", "estimated_documents")
     total = {k: sum(s[k] for s in sources.values()) for k in keys}
     core_hours = [s["timing"]["core_hours"] for s in sources.values()]

@@ -70,3 +70,12 @@ def expand_paths(patterns: list[str]) -> Expanded:
             elif os.path.isfile(match):
                 found.setdefault(os.path.realpath(match), _parts_below(os.path.abspath(match), prefix))
     return Expanded([RawFile(p, found[p]) for p in sorted(found)], sorted(set(dangling)))
+
+
+def source_files(name: str, spec) -> Expanded:
+    """A source's raw files (`expand_paths` of its `raw.paths`); none at all is a one-line error."""
+    expanded = expand_paths(list(spec.paths))
+    if not expanded.files:
+        dangling = f" ({len(expanded.dangling_symlinks)} dangling symlinks)" if expanded.dangling_symlinks else ""
+        raise ConfigError(f"data_mix.sources.{name}.raw.paths {list(spec.paths)} match no file{dangling}")
+    return expanded

@@ -24,18 +24,18 @@ import logging
 import shutil
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig
+from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig, SourceConfig
 from xgen.data import storage
 from xgen.data.engine import engine_session, run_units
-from xgen.data.inputs import RawFile, expand_paths
+from xgen.data.inputs import RawFile, source_files
 from xgen.data.shards import (
     MANIFEST,
     build_index,
+    check_files,
     check_tokenizer,
+    index_key,
     new_manifest,
     ordered_shards,
     raw_identity,
@@ -69,9 +69,9 @@ def _open_manifest(
     return manifest
 
 
-@contextmanager
-def _progress(name: str, total: int) -> Iterator:
-    """A line every 10 s (and at the end) with units done and the read rate."""
+def _progress(name: str, total: int):
+    """A function to call per finished unit: logs a line every 10 s (and at the end) with
+    units done and the read rate."""
     t0 = last = time.perf_counter()
     state = {"units": 0, "bytes": 0, "tokens": 0}
 
@@ -88,7 +88,7 @@ def _progress(name: str, total: int) -> Iterator:
                 name, state["units"], total, state["bytes"] / 1e6, state["bytes"] / 1e6 / max(now - t0, 1e-9), state["tokens"],
             )  # fmt: skip
 
-    yield tick
+    return tick
 
 
 def _file_entry(records: list[dict]) -> tuple[str, dict]:
@@ -117,6 +117,29 @@ def _file_entry(records: list[dict]) -> tuple[str, dict]:
         "tokens_by": {f: dict(sorted(c.items())) for f, c in tokens_by.items()},
         "dropped_short_by": {f: dict(sorted(c.items())) for f, c in dropped_by.items() if c},
     }
+
+
+def _drop_damaged(name: str, root: str, manifest: dict) -> bool:
+    """Forget files whose shards are missing or damaged (the check training makes), with their
+    units' records, so that they are prepared again; whether an index file is damaged. A file
+    whose raw data is gone cannot be redone: that is an error, never a smaller corpus."""
+    if not manifest["files"]:
+        return False
+    bad = check_files(root, manifest, record=False)
+    bad_units = {entry["name"].rsplit("-", 1)[0] for folder, entry, _ in bad if folder == "shards"}
+    for digest, entry in list(manifest["files"].items()):
+        if not bad_units & set(entry["units"]):
+            continue
+        if not any(storage.exists(p) for p in entry["paths"]):
+            raise ConfigError(
+                f"data_mix.sources.{name}: shards of {entry['paths'][0]} in {root} are missing or damaged and the raw "
+                "file is gone: restore it (or the shards) to prepare it again"
+            )
+        log.warning("prepare %s: %s has missing or damaged shards: preparing it again", name, entry["paths"][0])
+        for unit in entry["units"]:
+            storage.remove(record_path(root, unit))
+        del manifest["files"][digest]
+    return any(folder == "index" for folder, _, _ in bad)
 
 
 def _done_records(root: str, units: list[Unit]) -> dict[str, dict]:
@@ -150,12 +173,10 @@ def prepare_source(
     root = str(out_dir)
     storage.makedirs(root)
     manifest = _open_manifest(name, root, spec, tokenizer, min_doc_tokens, opts)
-    expanded = expand_paths(spec.paths)
+    index_damaged = _drop_damaged(name, root, manifest)
+    expanded = source_files(name, spec)
     for link in expanded.dangling_symlinks:
         log.warning("prepare %s: %s is a dangling symlink: skipped", name, link)
-    if not expanded.files:
-        dangling = f" ({len(expanded.dangling_symlinks)} dangling symlinks)" if expanded.dangling_symlinks else ""
-        raise ConfigError(f"data_mix.sources.{name}.raw.paths {spec.paths} match no file{dangling}")
     stats = {f.path: storage.stat(f.path) for f in expanded.files}
     cache = manifest["stat_cache"]
     digests: dict[str, str] = {}  # path -> content digest, for every current input
@@ -168,7 +189,7 @@ def prepare_source(
             todo.append(f)
     units = [u for f in todo for u in plan_units(f.path, f.parts, stats[f.path], spec, opts.split_bytes)]
     records = _done_records(root, units)
-    jobs = [_job(u, root, spec, min_doc_tokens, manifest, opts) for u in units if u.id not in records]
+    jobs = [_job(u, root, spec, min_doc_tokens, manifest, opts, tokenizer) for u in units if u.id not in records]
     log.info(
         "prepare %s: %d files, %d already prepared; %d units to run, %d done by an earlier run (engine=%s, workers=%d)",
         name, len(expanded.files), len(digests), len(jobs), len(records), opts.engine, opts.workers,
@@ -177,12 +198,12 @@ def prepare_source(
         manifest["complete"], manifest["pending"] = False, sorted(j.unit.id for j in jobs)
         write_json(storage.join(root, MANIFEST), manifest)  # training refuses the source until the end
         _remove_unreferenced(root, manifest, {u.id for u in units})
-    with _progress(name, len(jobs)) as tick:
-        for record in run_units(jobs, opts):
-            records[record["id"]] = record
-            tick(record)
+    tick = _progress(name, len(jobs))
+    for record in run_units(jobs, opts):
+        records[record["id"]] = record
+        tick(record)
     _assemble(name, manifest, expanded, todo, units, records, digests, stats)
-    if manifest.get("index", {}).get("of") != _index_key(manifest) or not storage.exists(storage.join(root, "index")):
+    if index_damaged or manifest.get("index", {}).get("of") != index_key(manifest):
         manifest["index"] = build_index(root, manifest)
     manifest["totals"] = summarize(manifest)
     manifest["complete"], manifest["pending"] = True, []
@@ -198,14 +219,12 @@ def prepare_source(
     return totals
 
 
-def _index_key(manifest: dict) -> str:
-    return hashlib.blake2b("\n".join(s["blake2b"] for s in ordered_shards(manifest)).encode(), digest_size=16).hexdigest()
-
-
-def _job(unit: Unit, root: str, spec: RawInputConfig, min_doc_tokens: int, manifest: dict, opts: PrepareConfig) -> UnitJob:
+def _job(
+    unit: Unit, root: str, spec: RawInputConfig, min_doc_tokens: int, manifest: dict, opts: PrepareConfig, tokenizer: Tokenizer
+) -> UnitJob:  # fmt: skip
     return UnitJob(
         unit, root, spec, min_doc_tokens, tuple(manifest["meta_fields"]), tuple(manifest["count_tokens_by"]),
-        opts.shard_tokens, opts.batch_documents, manifest["token_dtype"],
+        opts.shard_tokens, opts.batch_documents, manifest["token_dtype"], tokenizer.encoding.name,
     )  # fmt: skip
 
 
@@ -244,17 +263,19 @@ def _assemble(
         if path not in paths:
             paths.append(path)  # the same content under another name: nothing to redo
             paths.sort()
+    copies = Counter(digests.values())
     for path in sorted(digests):
-        if list(digests.values()).count(digests[path]) > 1 and manifest["files"][digests[path]]["paths"][0] != path:
+        if copies[digests[path]] > 1 and manifest["files"][digests[path]]["paths"][0] != path:
             log.warning("prepare %s: %s has the same content as another input: its documents are kept once", name, path)
     manifest["stat_cache"] = {p: [*stats[p], digests[p]] for p in sorted(digests)}
     skipped = {"dangling_symlinks": len(expanded.dangling_symlinks), "duplicate_files": len(digests) - len(current)}
     manifest["skipped"] = {k: v for k, v in skipped.items() if v}
 
 
-def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -> dict[str, dict]:
-    """Prepare every source of the mixture that names raw inputs. Sources that share a
-    prepared `path` (subsets of one release selected by `where`) are prepared once."""
+def sources_to_prepare(mix: DataMixConfig) -> dict[str, SourceConfig]:
+    """The sources `prepare` writes, by name: those with kind=prepared and raw inputs, one per
+    prepared `path` (subsets of one release selected by `where` share it and are prepared
+    once); sources sharing a path but reading their raw files differently are refused."""
     todo = {name: src for name, src in mix.sources.items() if src.kind == "prepared" and src.raw is not None}
     if not todo:
         raise ConfigError(f"data_mix={mix.name} has no source with kind=prepared and raw inputs to prepare")
@@ -264,8 +285,11 @@ def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -
         same = (raw_identity(todo[first].raw), list(todo[first].raw.paths)) == (raw_identity(src.raw), list(src.raw.paths))
         if not same:
             raise ConfigError(f"data_mix.sources.{first} and .{name} share path {src.path} but read their raw files differently")
+    return {name: todo[name] for name in by_path.values()}
+
+
+def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -> dict[str, dict]:
+    """Prepare every source of the mixture that names raw inputs (`sources_to_prepare`)."""
+    todo = sources_to_prepare(mix)
     with engine_session(opts):  # one Ray for all sources
-        return {
-            name: prepare_source(name, todo[name].path, todo[name].raw, tokenizer, mix.min_doc_tokens, opts)
-            for name in by_path.values()
-        }
+        return {name: prepare_source(name, src.path, src.raw, tokenizer, mix.min_doc_tokens, opts) for name, src in todo.items()}

@@ -189,7 +189,7 @@ def _text(stream: IO[bytes] | Iterator[bytes], counts: Counter) -> Iterator[tupl
         counts["invalid_utf8"] += 1
 
 
-def _corrupt_file_errors(fmt: str) -> tuple[type[BaseException], ...]:
+def corrupt_file_errors(fmt: str) -> tuple[type[BaseException], ...]:
     """Exceptions that mean a file is cut short or corrupt (counted, never raised)."""
     errors: list[type[BaseException]] = [EOFError, OSError, zlib.error, lzma.LZMAError]  # BadGzipFile is an OSError
     try:
@@ -307,11 +307,11 @@ def read_documents(
                     if doc is not None:
                         counts["documents_read"] += 1
                         yield doc
-            except _corrupt_file_errors(fmt):
+            except corrupt_file_errors(fmt):
                 counts["corrupt_files"] += 1
             if raw is not None:
                 raw.drain()  # the rest of a corrupt file, or what a decompressor left unread
-    except _corrupt_file_errors(fmt):  # the file could not be opened or read at all
+    except corrupt_file_errors(fmt):  # the file could not be opened or read at all
         counts["corrupt_files"] += 1
         return
     if fmt == "parquet":  # read by seeking: hashed in one sequential pass

@@ -13,7 +13,8 @@
     index/                    the whole source's index as memory-mappable arrays, in
                               document order: `starts.npy` (int64 token offsets, n + 1),
                               `lengths.npy` (uint32) and per metadata field `meta_<f>.npy`
-                              (small integer codes) with `meta_<f>.values.npy` (the values)
+                              (small integer codes) with `meta_<f>.values.npy` (the values);
+                              each file's size and BLAKE2b are in the manifest, as a shard's
 
 Document order is input file order (sorted paths), then byte offset within the file: it
 never depends on which worker finished first. `prepare` writes it from raw files,
@@ -25,17 +26,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import fsspec
 import numpy as np
 
 from xgen.config import ConfigError, RawInputConfig
 from xgen.data import storage
 from xgen.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"  # local shards whose BLAKE2b was checked, by size and mtime
@@ -225,12 +230,63 @@ def build_index(root: str, manifest: dict) -> dict:
     files = {}
     for name in sorted(os.listdir(scratch)):
         local = os.path.join(scratch, name)
-        files[name] = os.path.getsize(local)
+        files[name] = {"bytes": os.path.getsize(local), "blake2b": file_digest(local)}
         storage.commit_file(local, storage.join(index_dir, name))
+        if storage.is_url(root):
+            files[name]["store_identity"] = storage.stat(storage.join(index_dir, name))[1]
     os.rmdir(scratch)
     recorded["files"] = files
-    recorded["of"] = hashlib.blake2b("\n".join(s["blake2b"] for s in shards).encode(), digest_size=16).hexdigest()
+    recorded["of"] = index_key(manifest)
     return recorded
+
+
+def index_key(manifest: dict) -> str:
+    """What the index is built from: the shards, in document order (a change means a rebuild)."""
+    shards = ordered_shards(manifest)
+    return hashlib.blake2b("\n".join(f"{s['name']} {s['blake2b']}" for s in shards).encode(), digest_size=16).hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b of a file's bytes (local or URL), read in one sequential pass."""
+    h = hashlib.blake2b(digest_size=16)
+    with fsspec.open(str(path), "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_files(root: str, manifest: dict, record: bool = True) -> list[tuple[str, dict, str]]:
+    """(folder, entry, why) of every shard and index file that is missing, of another size, or
+    of other content than the manifest says. One listing per folder; a file is read (its
+    BLAKE2b) only when its store identity is neither the one recorded at prepare time (an
+    object store's ETag or crc32c) nor one already checked (`verified.json`, beside the
+    manifest: size and modification time of local files checked before). `record` adds the
+    files read here to it (training does; `prepare` leaves its output as it made it)."""
+    index_files = [{"name": name, **entry} for name, entry in manifest.get("index", {}).get("files", {}).items()]
+    files = [("shards", s["name"] + ".tokens", s) for s in ordered_shards(manifest)] + [("index", e["name"], e) for e in index_files]
+    listed = {folder: storage.listing(storage.join(root, folder)) for folder in ("shards", "index")}
+    verified_path = storage.join(root, VERIFIED)
+    verified = read_json(verified_path) if VERIFIED in storage.listing(root) else {}
+    bad, checked = [], {}
+    for folder, file, entry in files:
+        key = entry["name"] if folder == "shards" else f"index/{file}"
+        found = listed[folder].get(file)
+        if found is None:
+            bad.append((folder, entry, "missing"))
+        elif found[0] != entry["bytes"]:
+            bad.append((folder, entry, f"{found[0]} bytes, not {entry['bytes']}"))
+        elif found[1] == entry.get("store_identity") or verified.get(key) == [*found, entry["blake2b"]]:
+            continue
+        elif file_digest(storage.join(root, folder, file)) != entry["blake2b"]:
+            bad.append((folder, entry, "its checksum differs"))
+        else:
+            checked[key] = [*found, entry["blake2b"]]
+    if checked and record:
+        try:  # a read-only copy of the data (or bucket) is checked again at the next start
+            write_json(verified_path, {**verified, **checked})
+        except Exception as ex:  # noqa: BLE001 - a cache: any store's refusal only costs a re-check
+            log.info("%s: cannot record the files checked (%s); they are checked again at the next start", root, ex)
+    return bad
 
 
 def write_token_documents(out_dir: Path, name: str, documents: Iterable[np.ndarray], tokenizer: Tokenizer) -> dict:

@@ -10,20 +10,16 @@ store), not the whole document.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import fsspec
 import numpy as np
 
 from xgen.config import ConfigError
 from xgen.data import storage
-from xgen.data.shards import MANIFEST, VERIFIED, check_tokenizer, ordered_shards, read_json, write_json
+from xgen.data.shards import MANIFEST, check_files, check_tokenizer, ordered_shards, read_json
 from xgen.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 class DocumentStore:
@@ -136,43 +132,34 @@ class ShardStore(DocumentStore):
                               f"the manifest says {manifest['index']['documents']} of {int(self._shard_starts[-1])}")
 
     def _check_shards(self) -> None:
-        listed = storage.listing(storage.join(self.root, "shards"))
-        verified_path = storage.join(self.root, VERIFIED)
-        verified = read_json(verified_path) if VERIFIED in storage.listing(self.root) else {}
-        bad: list[tuple[dict, str]] = []
-        checked = {}
-        for s in self._shards:
-            found = listed.get(s["name"] + ".tokens")
-            if found is None:
-                bad.append((s, "missing"))
-            elif found[0] != s["bytes"]:
-                bad.append((s, f"{found[0]} bytes, not {s['bytes']}"))
-            elif found[1] == s.get("store_identity") or verified.get(s["name"]) == [*found, s["blake2b"]]:
-                continue
-            elif shard_digest(storage.join(self.root, "shards", s["name"] + ".tokens")) != s["blake2b"]:
-                bad.append((s, "its checksum differs"))
-            else:
-                checked[s["name"]] = [*found, s["blake2b"]]
-        if bad:
-            files = {u: e["paths"] for e in self.manifest["files"].values() for u in e["units"]}
-            named = [f"{s['name']} ({why}; from {(files.get(s['name'].rsplit('-', 1)[0]) or ['?'])[0]})" for s, why in bad[:3]]
-            raise ConfigError(
-                f"{self.root}: {len(bad)} of {len(self._shards)} shards are missing or damaged: {', '.join(named)}"
-                f"{', ...' if len(bad) > 3 else ''}; run task=prepare again to redo their units"
-            )
-        if checked:
-            try:  # a read-only copy of the data (or bucket) is checked again at the next start
-                write_json(verified_path, {**verified, **checked})
-            except Exception as ex:  # noqa: BLE001 - a cache: any store's refusal only costs a re-check
-                log.info("%s: cannot record the shards checked (%s); they are checked again at the next start", self.root, ex)
+        bad = check_files(self.root, self.manifest)
+        if not bad:
+            return
+        sources = {u: e["paths"] for e in self.manifest["files"].values() for u in e["units"]}
+
+        def describe(folder: str, entry: dict, why: str) -> str:
+            if folder == "index":
+                return f"index/{entry['name']} ({why})"
+            return f"{entry['name']} ({why}; from {(sources.get(entry['name'].rsplit('-', 1)[0]) or ['?'])[0]})"
+
+        n_index = sum(folder == "index" for folder, _, _ in bad)
+        what = [f"{len(bad) - n_index} of {len(self._shards)} shards"] if len(bad) > n_index else []
+        what += [f"{n_index} of {len(self.manifest['index']['files'])} index files"] if n_index else []
+        raise ConfigError(
+            f"{self.root}: {' and '.join(what)} are missing or damaged: {', '.join(describe(*b) for b in bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}; run task=prepare again to redo them"
+        )
 
     def _open_index(self):
-        recorded = self.manifest["index"]
+        """A loader of index arrays: memory-mapped in place, or, from an object store, from a
+        local copy named by the files' own checksums (never another source's index)."""
+        files = self.manifest["index"]["files"]
+        key = hashlib.blake2b(" ".join(f"{n}:{e['blake2b']}" for n, e in sorted(files.items())).encode(), digest_size=16).hexdigest()
 
         def load(name: str) -> np.ndarray:
-            path = storage.local_copy(storage.join(self.root, "index", name), index_cache_dir(), recorded["of"])
-            if path.stat().st_size != recorded["files"][name]:
-                raise ConfigError(f"{self.root}/index/{name}: {path.stat().st_size} bytes, the manifest says {recorded['files'][name]}; run task=prepare again")
+            path = storage.local_copy(storage.join(self.root, "index", name), index_cache_dir(), key)
+            if path.stat().st_size != files[name]["bytes"]:
+                raise ConfigError(f"{path}: {path.stat().st_size} bytes, the manifest says {files[name]['bytes']}; delete it")
             return np.load(path, mmap_mode="r") if not name.endswith(".values.npy") else np.load(path)
 
         return load
@@ -212,15 +199,6 @@ class ShardStore(DocumentStore):
 
     def dropped_short_by(self, field: str) -> dict[str, int]:
         return self.manifest["totals"].get("dropped_short_by", {}).get(field, {})
-
-
-def shard_digest(path: str) -> str:
-    """BLAKE2b of a shard's bytes, read in one sequential pass."""
-    h = hashlib.blake2b(digest_size=16)
-    with fsspec.open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Totals that are not losses.

@@ -20,12 +20,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
-
 from xgen.config import RawInputConfig
 from xgen.data import storage
 from xgen.data.readers import read_documents, splittable
 from xgen.data.shards import ShardWriter
+from xgen.tokenizer.xgen import encode_to_arrays
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,7 @@ class UnitJob:
     shard_tokens: int
     batch_documents: int
     dtype: str
+    tokenizer: str  # its name (`Tokenizer.from_name`): the one whose identity the manifest records
 
 
 def record_path(root: str, unit_id: str) -> str:
@@ -93,9 +93,6 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 
 def run_unit(job: UnitJob) -> dict:
     """Read, tokenize and write one unit; write and return its completion record."""
-    from xgen.tokenizer import Tokenizer
-
-    encoding = Tokenizer.xgen().encoding
     unit = job.unit
     counts: Counter = Counter()
     digest = hashlib.blake2b(digest_size=16)
@@ -105,14 +102,14 @@ def run_unit(job: UnitJob) -> dict:
     documents = tokens = 0
     docs = read_documents(unit.path, job.spec, counts, unit.parts, byte_range=unit.byte_range, digest=digest)
     for batch in _batched(docs, job.batch_documents):
-        encoded = encoding.encode_ordinary_batch([text for text, _ in batch], num_threads=1)
+        encoded = encode_to_arrays([text for text, _ in batch], job.tokenizer)  # one core: the worker's
         for ids, (_, meta) in zip(encoded, batch):
             if len(ids) < job.min_doc_tokens:
                 counts["dropped_short"] += 1
                 for f in job.count_by:
                     dropped_by[f][meta.get(f, "")] += 1
                 continue
-            writer.write(np.asarray(ids, job.dtype), meta)
+            writer.write(ids, meta)
             documents += 1
             tokens += len(ids)
             for f in job.count_by:

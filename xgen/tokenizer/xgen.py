@@ -135,8 +135,8 @@ def encoding_identity(encoding: tiktoken.Encoding) -> str:
 
 
 def encode_to_arrays(texts: Sequence[str], name: str = "xgen") -> list["np.ndarray"]:
-    """Worker-process entry point of `task=prepare`: ordinary encoding to compact arrays
-    (uint16 while the vocabulary fits, as XGen's does). Top-level so that it pickles."""
+    """Ordinary encoding to compact arrays (uint16 while the vocabulary fits, as XGen's does),
+    on one thread: what a `task=prepare` unit's worker runs on its own core."""
     import numpy as np
 
     tok = Tokenizer.from_name(name)
