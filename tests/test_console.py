@@ -104,3 +104,27 @@ def test_accelerators_and_the_users_own_setting_keep_their_xla_log_level():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}
     mine = subprocess.run([sys.executable, "-c", code.format("cpu", False)], capture_output=True, text=True, timeout=60, env=env)
     assert mine.stdout.strip() == "0"
+
+
+def test_a_heartbeat_logs_while_its_block_runs_and_nothing_for_a_short_block():
+    import logging
+    import threading
+
+    from xgen.console import heartbeat
+
+    lines, first = [], threading.Event()
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+            first.set()
+
+    logger = logging.getLogger("xgen.test_heartbeat")
+    logger.addHandler(Catch())
+    logger.setLevel(logging.INFO)
+    with heartbeat("compiling the thing", every_s=60, logger=logger):
+        pass
+    assert lines == []
+    with heartbeat("compiling the thing", every_s=0.01, logger=logger):
+        assert first.wait(30)
+    assert lines and all(line.startswith("compiling the thing: ") and line.endswith(" s ...") for line in lines)

@@ -49,3 +49,35 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class heartbeat:
+    """`with heartbeat("compiling the train step"):` logs "compiling the train step: 10 s ..."
+    after `every_s` seconds, then at doubling intervals up to a minute (10, 20, 40, 80, 140 s,
+    ...) until the block ends, so that a compile of minutes (a 7B step for a TPU pod, the
+    first step on a loaded host) is never a silent console, nor a wall of lines. Nothing is
+    logged for a block shorter than `every_s`."""
+
+    def __init__(self, what: str, every_s: float = 10.0, logger: logging.Logger | None = None):
+        import threading
+
+        self.what, self.every_s = what, every_s
+        self.logger = logger or logging.getLogger("xgen")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="xgen-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        import time
+
+        t0, wait = time.monotonic(), self.every_s
+        while not self._done.wait(wait):
+            self.logger.info("%s: %.0f s ...", self.what, time.monotonic() - t0)
+            wait = min(2 * wait, 60.0)
+
+    def __enter__(self) -> "heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()

@@ -204,6 +204,8 @@ def main() -> None:
     sys.unraisablehook = unraisable_to_run_log
     # Let composition errors reach us instead of Hydra's multi-line report.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if not sys.stderr.isatty():  # Optuna's colorlog handler colours even a log file or a pipe
+        os.environ.setdefault("NO_COLOR", "1")
     try:
         _hydra_entry()
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints on it instead)

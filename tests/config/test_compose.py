@@ -21,10 +21,15 @@ def test_every_group_file_composes_into_the_typed_config(group, option):
     # Checked as a command that neither trains nor reads the data (a group file alone is
     # not a runnable training job: a TPU slice needs its stage's batch, a mix its data).
     cfg = compose_config(f"{group}={option}", *(() if group == "task" else ("task=generate",)))
-    if group == "experiment":
+    if group == "experiment" and option.startswith("xgen_7b"):  # the report's runs
         assert cfg.model.name == "xgen_7b" and cfg.hardware.name == "tpu_v4_512"
+    elif group == "experiment":  # python_demo: a CPU run that visibly learns
+        assert cfg.hardware.name == "cpu" and cfg.prompt is not None and cfg.data_mix.name == "python_code"
     elif group == "debug":  # global too: it cuts the run down rather than naming a node
         assert cfg.model.name == "tiny" and cfg.trainer.steps is not None
+    elif group == "tracker":  # several may be chosen at once, so a tracker is a node of its own, not a name
+        chosen = [name for name in ("tensorboard", "wandb") if getattr(cfg.tracker, name) is not None]
+        assert chosen == ([] if option == "none" else [option])
     else:
         assert getattr(cfg, group).name == option
     if cfg.model.name == "llama_7b":

@@ -201,7 +201,7 @@ def test_data_prepared_in_the_old_layout_or_with_other_raw_settings_is_refused_i
     m = json.loads((out / "manifest.json").read_text())
     m["format"] = "xgen-shards-v2"
     (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ConfigError, match="format 'xgen-shards-v2' is not 'xgen-shards-v3'; prepare it again"):
+    with pytest.raises(ConfigError, match="format 'xgen-shards-v2' is not 'xgen-shards-v4'; prepare it again"):
         ShardStore(out, Tokenizer.xgen())
 
 

@@ -147,3 +147,49 @@ def test_nested_addresses_lists_and_path_components():
 def test_missing_metadata_is_counted_per_field(raw):
     docs, counts = read(raw / "starcoder" / "rust.parquet", text_field="content", meta={"language": "language", "license": "no_such_column"})
     assert len(docs) == 5 and counts["missing_meta:license"] == 5 and all("license" not in m for _, m in docs)
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(tmp_path_factory):
+    """A Hugging Face dataset as `datasets.Dataset.save_to_disk` writes it: Arrow IPC streams."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path_factory.mktemp("saved")
+    rows = {"id": [1, 2, 3], "title": ["a", "b", None], "text": ["first text", "second text", "third text"], "score": [0.5, 1.0, 2.0]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder))
+    return folder / "data-00000-of-00001.arrow"
+
+
+def test_an_arrow_stream_saved_by_datasets_reads_text_and_metadata(saved_dataset):
+    docs, counts = read(saved_dataset, meta={"title": "title"})
+    assert docs == [("first text", {"title": "a"}), ("second text", {"title": "b"}), ("third text", {})]
+    assert counts["missing_meta:title"] == 1 and counts["records"] == 3
+    assert counts["raw_bytes"] == saved_dataset.stat().st_size  # hashed whole, once
+
+
+def test_an_arrow_ipc_file_reads_like_the_stream_and_a_cut_one_is_counted_as_corrupt(saved_dataset, tmp_path):
+    import pyarrow as pa
+    import pyarrow.feather
+
+    table = pa.ipc.open_stream(saved_dataset.read_bytes()).read_all()
+    pyarrow.feather.write_feather(table, tmp_path / "same.arrow", compression="uncompressed")
+    assert read(tmp_path / "same.arrow")[0] == read(saved_dataset)[0]
+    data = saved_dataset.read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(data[: len(data) - 40])
+    docs, counts = read(tmp_path / "cut.arrow")
+    assert counts["corrupt_files"] == 1 and len(docs) < 3
+
+
+def test_text_fields_come_from_the_schema_or_the_first_records(saved_dataset, tmp_path):
+    from xgen.data.readers import text_fields
+
+    assert text_fields(str(saved_dataset), None) == (["title", "text"], ["id", "title", "text", "score"])
+    lines = tmp_path / "x.jsonl"
+    records = [{"id": 1, "body": "b", "tags": None, "n": "1"}, {"id": 2, "body": 42, "n": 2}, {"id": 3, "body": "d", "n": 3}]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    # A string in most records is a text field (one bad record does not hide it); null, or a
+    # string in a few records only, is not.
+    assert text_fields(str(lines), None) == (["body"], ["id", "body", "tags", "n"])
+    assert text_fields(str(tmp_path / "notes.txt"), None) is None  # a text file has no fields
+    assert detect_format("x.arrow", None) == "arrow"
+    with pytest.raises(ConfigError, match="a compressed Arrow file is not read"):
+        detect_format("x.arrow.gz", None)

@@ -59,7 +59,9 @@ def expected_shares() -> tuple[dict[str, float], dict[str, float]]:
 
 
 def configure(data_dir, *overrides):
-    return configure_mix(data_dir, "stage2_the_stack", *overrides)
+    # No held-out documents: the shares below are counted over every document (the held-out
+    # split, which comes first, has its own tests in test_heldout.py).
+    return configure_mix(data_dir, "stage2_the_stack", "data_mix.heldout_share=0", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,7 @@ class ArrayStore(DocumentStore):
     def __init__(self, lengths, short_by=None, **meta):
         self.lengths = np.asarray(lengths, np.int64)
         self.meta = {k: np.asarray(v, dtype=str) for k, v in meta.items()}
+        self.keys = np.full(len(self.lengths), 0xFFFF, np.uint16)  # none held out
         self._short_by = short_by or {}
 
     def dropped_short_by(self, field: str) -> dict[str, int]:

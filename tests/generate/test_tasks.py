@@ -57,6 +57,35 @@ def test_chat_streams_answers_turn_by_turn_until_exit(trained, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(">>> ") == 4  # two questions, /reset, /exit
+    banner = proc.stdout.split(">>> ")[0]  # before the first prompt: the model and the commands
+    assert f"from {trained}" in banner and "a pre-trained base model (task=pretrain)" in banner
+    assert "continues the conversation's text rather than answering it" in banner
+    assert "/reset" in banner and "/exit" in banner
+
+
+def test_the_chat_banner_tells_an_instruction_tuned_model_from_a_base_one():
+    from xgen.tasks.chat import describe
+
+    model = {"name": "tiny", "n_layers": 2, "d_model": 64}
+    sft = describe("runs/sft", {"step": 30, "config": {"task": {"name": "sft"}, "sft": {"name": "wizardlm"}, "model": model}})
+    assert sft == "Model: tiny (2 layers, d_model 64) from runs/sft, step 30: an instruction-tuned model (task=sft, sft=wizardlm), in chat_template's format"
+    base = describe("runs/pre", {"step": 200, "config": {"task": {"name": "pretrain"}, "sft": None, "model": model}})
+    assert "step 200: a pre-trained base model (task=pretrain)" in base and "rather than answering it" in base
+    imported = describe("imports/x", {"params_only": True, "source": "/models/open_llama", "config": {"model": model}})
+    assert "imported from /models/open_llama, which does not record whether it was instruction-tuned" in imported
+    hf = describe("hf/xgen-tiny", None, {"num_hidden_layers": 2, "hidden_size": 64})
+    assert hf.startswith("Model: the Hugging Face directory hf/xgen-tiny (2 layers, d_model 64)") and "base model" in hf
+
+
+def test_a_blank_completion_is_explained_in_one_line():
+    from xgen.tasks.generate import blank_note
+
+    assert blank_note("\n\ndef main():", 3, False) is None
+    note = blank_note("\n" * 64, 64, False)
+    assert note.startswith("(the completion is 64 newlines only, 64 tokens:") and "\n" not in note
+    assert "experiment=python_demo" in note and "train longer" in note
+    assert blank_note(" \n\t", 2, False).startswith("(the completion is 3 whitespace characters (1 newline) only")
+    assert blank_note("", 0, True) == "(the completion is empty: end-of-text was its most likely next token)"
 
 
 def test_an_exported_run_continues_greedily_in_transformers_as_task_generate_does(trained, tmp_path):

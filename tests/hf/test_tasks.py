@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -100,10 +101,15 @@ def test_exported_tokenizer_gives_xgen_ids(exported):
     assert tok.encode(text) == Tokenizer.xgen().encode(text)
 
 
-def test_import_of_the_export_is_bitwise_and_trains(exported, tmp_path):
+def test_import_of_the_export_is_bitwise_and_trains(exported, tmp_path, caplog):
     run_dir, out = exported
     imported = tmp_path / "imported"
-    run_task(compose_config("task=import_hf", f"hf_path={out}", f"out={imported}"), tmp_path)
+    with caplog.at_level(logging.INFO, logger="xgen.tasks.import_hf"):
+        run_task(compose_config("task=import_hf", f"hf_path={out}", f"out={imported}"), tmp_path)
+    # The tiny model's architecture: the suggestion names it rather than a dozen model.* keys.
+    assert [r.getMessage() for r in caplog.records if "train from it" in r.getMessage()] == [
+        f"train from it: python -m xgen.run trainer.init_from={imported} model=tiny"
+    ]
     meta = checkpoint.read_meta(imported)
     assert meta["params_only"] and meta["source"] == str(out)
     cfg, want = checkpoint_params(run_dir)
@@ -119,6 +125,20 @@ def test_import_of_the_export_is_bitwise_and_trains(exported, tmp_path):
 
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         run_task(compose_config("task=import_hf", f"hf_path={out}", f"out={imported}"), tmp_path)
+
+
+def test_the_suggested_overrides_start_from_the_closest_shipped_model():
+    from xgen.hf.convert import model_overrides
+    from xgen.tasks.import_hf import shipped_models
+
+    shipped = shipped_models()
+    assert set(shipped) >= {"tiny", "small", "xgen_7b", "llama_7b"}
+    tiny = dataclasses.replace(shipped["tiny"], name="imported", init_std=0.5)  # name and init are no architecture
+    assert model_overrides(tiny, shipped) == ["model=tiny"]
+    open_llama_3b = dataclasses.replace(shipped["llama_7b"], name="open_llama_3b", d_model=3200, n_layers=26, d_ff=8640)
+    assert model_overrides(open_llama_3b, shipped) == ["model=llama_7b", "model.d_model=3200", "model.n_layers=26", "model.d_ff=8640"]
+    every_key = model_overrides(tiny)  # no shipped models: every key, as on top of any default
+    assert len(every_key) == 11 and every_key[:2] == ["model.d_model=64", "model.n_layers=2"]
 
 
 def test_export_refuses_missing_keys_and_an_occupied_out(exported, tmp_path):

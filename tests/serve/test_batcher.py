@@ -101,3 +101,26 @@ def test_rows_that_do_not_fit_one_cache_together_run_apart(fake):
     for job in jobs:
         job.wait(30)
     assert engine.calls == [("generate", 1), ("generate", 1)]
+
+
+def test_uvicorns_own_lines_come_out_as_xgen_serve_http_not_uvicorn_error(caplog):
+    """uvicorn logs "Started server process" as `uvicorn.error`: a healthy start read as an error."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        XGenServer(FakeEngine(), port=0, scheduler="static").start().close()
+    own = [r for r in caplog.records if "server process" in r.getMessage() or r.getMessage() == "Shutting down"]
+    assert len(own) == 3 and {(r.name, r.levelname) for r in own} == {("xgen.serve.http", "INFO")}
+    assert not [r.name for r in caplog.records if r.name.startswith("uvicorn")]
+
+
+def test_a_padding_row_among_the_alternatives_has_a_name_of_its_own():
+    """Log-probs over every output row can rank padding rows (ids the tokenizer cannot decode)
+    among the top alternatives: each keeps its own key instead of all collapsing into ""."""
+    from xgen.serve.protocol import logprobs_block, token_string
+
+    tok = FakeEngine.tokenizer
+    assert token_string(tok, 50256) == "<|endoftext|>" and token_string(tok, 50400) == "<|pad:50400|>"
+    block = logprobs_block(tok, [15496, 11], [None, -1.0], [None, {11: -1.0, 50400: -2.0, 50401: -3.0}], 3, 0, "output_rows")
+    assert block["top_logprobs"][1] == {",": -1.0, "<|pad:50400|>": -2.0, "<|pad:50401|>": -3.0}
+    assert block["normalized_over"] == "output_rows"

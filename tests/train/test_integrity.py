@@ -161,10 +161,10 @@ def test_the_metrics_files_survive_a_kill_between_truncate_and_write(tmp_path, m
 
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        MetricsLog(tmp_path, tensorboard=False, resume_step=4)
+        MetricsLog(tmp_path, resume_step=4)
     assert metrics.read_text() == before  # the old file, whole
     monkeypatch.undo()
-    log = MetricsLog(tmp_path, tensorboard=False, resume_step=4)  # the torn last line is dropped
+    log = MetricsLog(tmp_path, resume_step=4)  # the torn last line is dropped
     log.close()
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
     assert [e["step"] for e in events(tmp_path)] == [2]  # step 5's event will be replayed, not repeated

@@ -3,8 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import compose_config
 from xgen.tasks import run_task
 
@@ -63,12 +61,6 @@ def test_rerunning_in_the_same_run_dir_resumes_bit_identically(tmp_path):
 
     again = run_task(compose_config("trainer.steps=6", *common), resumed)
     assert again["steps_this_run"] == 0
-
-
-def test_tensorboard_event_files_are_written_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")
-    run_task(compose_config("trainer.steps=2", "trainer.tensorboard=true", "debug=fast"), tmp_path)
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_training_with_document_masking_logs_epochs(tmp_path):

@@ -223,8 +223,11 @@ class RawInputConfig:
     # jsonl | json (a JSON array, or lines) | parquet | text; None infers it from each file
     # name (.jsonl/.json/.parquet, under .gz/.zst/.bz2/.xz; anything else is text).
     format: Optional[str] = None
-    # Address of the text in a record (see `meta`).
-    text_field: str = "text"
+    # Address of the text in a record (see `meta`). null (data_mix=files): found from a
+    # sample of the files before they are prepared: the one string field of a usual name for
+    # text (text, content, code, ...: xgen.data.prepare.TEXT_FIELDS), or the only string
+    # field; anything else is an error listing the fields. Logged, and kept in the manifest.
+    text_field: Optional[str] = "text"
     # Metadata kept per document: stored name -> address. An address is a dotted path into
     # the record (`meta.redpajama_set_name`), `[]` maps over a list (`meta.language[].name`),
     # and `path:N` is the Nth folder of the file's path below the pattern's fixed prefix
@@ -266,6 +269,16 @@ class DataMixConfig:
 
     name: str = MISSING
     sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # Files, folders or glob patterns for a mix whose source reads them as
+    # `raw.paths: ${data_mix.paths}` (data_mix=files: `data_mix.paths='[my/*.jsonl.gz]'`);
+    # set for a mix that does not read them, it is an error, never ignored.
+    paths: list[str] = field(default_factory=list)
+    # Their text field (`raw.text_field: ${data_mix.text_field}`); null: found.
+    text_field: Optional[str] = None
+    # Raw sources not prepared (or changed since) are prepared when a training run starts,
+    # instead of refused: for your own files. Off for the report's corpora, which
+    # task=prepare tokenizes on workers or a cluster.
+    prepare_on_use: bool = False
     # Documents with fewer tokens are dropped (the report's rule).
     min_doc_tokens: int = 100
     seed: int = 0
@@ -278,6 +291,10 @@ class DataMixConfig:
     # Attention never crosses a document boundary (segment ids and positions per document).
     # Off by default, as the report: documents are concatenated and attend across EOT.
     document_masking: bool = False
+    # Share of each source's documents held out of training for the held-out loss
+    # (`trainer.eval_every`), chosen by a hash of each document's tokens: the same documents
+    # whatever prepared them and however often (xgen/data/heldout.py). 0: none.
+    heldout_share: float = 0.005
     # Largest relative difference between a source's sampling weight (after empty parts and
     # grain's integer proportions) and its configured share before start-up fails.
     weight_tolerance: float = 0.02
@@ -409,6 +426,51 @@ class SpikeConfig:
     max_rollbacks: int = 3
 
 
+class WandbMode(StrEnum):
+    online = "online"  # streams to the W&B server as the run goes (needs `wandb login`)
+    offline = "offline"  # writes <run dir>/wandb/ only; `wandb sync` uploads it later
+    disabled = "disabled"  # W&B's no-op run: nothing written anywhere
+
+
+@dataclass
+class TensorBoardConfig:
+    """TensorBoard event files in <run dir>/tensorboard through tensorboardX (extra `tensorboard`)."""
+
+    # Seconds between flushes of the event file (tensorboardX's flush_secs).
+    flush_secs: int = 30
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run (extra `wandb`), named as Levanter's WandbConfig: `wandb.init`'s
+    arguments. The run id is kept in <run dir>/wandb_id, so a restarted or resumed run
+    continues the same W&B run."""
+
+    project: str = "xgen"
+    entity: Optional[str] = None  # None: the login's default entity
+    name: Optional[str] = None  # None: the run directory's last two parts (pretrain/<time>)
+    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None
+    notes: Optional[str] = None
+    # offline by default: a run never waits on, or fails for, a server; `wandb sync
+    # <run dir>/wandb/offline-run-*` uploads it. online streams live (after `wandb login`).
+    mode: WandbMode = WandbMode.offline
+    # Upload the launching script's source (W&B's save_code); provenance.json already names the commit.
+    save_code: bool = False
+    # The W&B run id; None: the one in <run dir>/wandb_id, or a new random one written there.
+    id: Optional[str] = None
+
+
+@dataclass
+class TrackerConfig:
+    """Where train and eval scalars are mirrored besides metrics.jsonl and eval.jsonl (which
+    are always written; home: `xgen.train.trackers`). Chosen as `tracker=tensorboard`,
+    `tracker=wandb` or `tracker=[tensorboard,wandb]`; a tracker left out is None."""
+
+    tensorboard: Optional[TensorBoardConfig] = None
+    wandb: Optional[WandbConfig] = None
+
+
 @dataclass
 class TrainerConfig:
     """Run length, cadence and output (home: `xgen.train.loop`)."""
@@ -446,7 +508,23 @@ class TrainerConfig:
     # Keys (or prefixes: optimizer) a resume may change from the checkpoint's config; any other
     # run-defining difference is refused (xgen/train/resume.py). Allowed changes go to events.jsonl.
     allow_changes: list[str] = field(default_factory=list)
-    tensorboard: bool = False
+    # The held-out loss (data_mix.heldout_share's documents, per source and in total) every
+    # this many steps and at the end, on the parameters in memory, sharded like the train
+    # step and compiled once; in eval.jsonl and the trackers. 0: off.
+    eval_every: int = 0
+    # Batches of the stage's shape per source for one held-out evaluation (fewer when a
+    # source holds out fewer tokens; the same batches every time).
+    eval_batches: int = 4
+    # Log-likelihood benchmarks run on the parameters in memory every `eval_tasks_every`
+    # steps (0: off) and at the end: names of `eval/` configs (zeroshot, mmlu_0shot,
+    # mmlu_5shot). The one named like this command's `eval` group runs with its `eval.*`
+    # settings, the others with their file's; `eval_tasks_limit` caps each task's items.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0
+    eval_tasks_limit: Optional[int] = None
+    # [first, last]: a jax.profiler trace of these steps in <run dir>/profile (TensorBoard's
+    # profile plugin, or Perfetto: profile/**/perfetto_trace.json.gz). []: none.
+    profile_steps: list[int] = field(default_factory=list)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
@@ -501,7 +579,8 @@ class PrepareConfig:
 
 @dataclass
 class PlanConfig:
-    """`task=plan`: the MFU at which step time and throughput are projected."""
+    """`task=plan`: the MFU at which step time and throughput are projected, and what it
+    compiles besides the train step (the decoding step; presets when the step does not fit)."""
 
     mfu: float = 0.45
     # TPU slices: also compile the Engine's decoding step (serve.max_batch rows over a full
@@ -510,6 +589,10 @@ class PlanConfig:
     # Read bandwidth of checkpoint storage per host, bytes/s, for the recovery estimate (the
     # time to restore after a failure); 1 GB/s is a cautious figure for a GCS bucket.
     storage_bytes_per_s: float = 1.0e9
+    # TPU slices: when the step does not fit, compile it with these `execution/` presets, most
+    # memory saved first (those before the command's own), until one fits, and name it with
+    # its per-chip memory as an override to add; [] tries none (xgen/tasks/plan_advice.py).
+    presets: list[str] = field(default_factory=lambda: ["tpu_splash", "memory_saving", "default"])
 
 
 @dataclass
@@ -762,6 +845,7 @@ class XGenConfig:
     optimizer: OptimizerConfig = MISSING
     hardware: HardwareConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -77,3 +77,21 @@ def closest_key(path: str) -> str | None:
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         kind = args[0] if typing.get_origin(kind) is typing.Union and args else kind
     return None
+
+
+def compose_eval(name: str, overrides: list[str]):
+    """The `eval/<name>` config as this command would compose it with `eval=<name>` (and the
+    command's own `overrides`, e.g. data_dir): what `trainer.eval_tasks` runs in the loop.
+    Inside `python -m xgen.run` Hydra is initialized already; elsewhere (a test calling a
+    task) the packaged conf/ is used."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"eval={name}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose("config", overrides=overrides)
+    else:
+        register_configs()
+        with initialize_config_module(config_module="xgen.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    return to_object(cfg).eval

@@ -9,6 +9,10 @@ from typing import Any
 from xgen.config.errors import ConfigError
 from xgen.config.schema import ROPE_RULE_KEYS, HardwareConfig, RopeScalingConfig, RopeType, XGenConfig
 
+# Benchmarks `trainer.eval_tasks` runs on the parameters in memory (log-likelihood scoring
+# only: generation benchmarks need a sandbox or a judge, and belong to task=eval).
+IN_LOOP_BENCHMARKS = ("zeroshot", "mmlu_0shot", "mmlu_5shot")
+
 # Tasks that train, and so need a batch that splits over the mesh.
 TRAINING_TASKS = ("pretrain", "pretrain_all", "sft", "plan")
 
@@ -42,6 +46,9 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
         ("prepare.split_bytes", cfg.prepare.split_bytes, ">0"), ("prepare.sample_bytes", cfg.prepare.sample_bytes, ">0"),
         ("data_mix.min_doc_tokens", cfg.data_mix.min_doc_tokens, ">=0"),
         ("data_mix.weight_tolerance", cfg.data_mix.weight_tolerance, ">=0"),
+        ("data_mix.heldout_share", cfg.data_mix.heldout_share, "[0,0.5]"),
+        ("trainer.eval_every", t.eval_every, ">=0"), ("trainer.eval_batches", t.eval_batches, ">0"),
+        ("trainer.eval_tasks_every", t.eval_tasks_every, ">=0"), ("trainer.eval_tasks_limit", t.eval_tasks_limit, ">0?"),
         ("hardware.num_devices", hw.num_devices, ">0"), ("hardware.host_device_count", hw.host_device_count, ">0?"),
         ("hardware.peak_flops_per_chip", hw.peak_flops_per_chip, ">0?"),
         ("hardware.memory_per_chip_bytes", hw.memory_per_chip_bytes, ">0?"),
@@ -83,7 +90,7 @@ def _range_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
 _RULES = {
     ">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"), "[0,0.5]": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**63, "in [0, 2**63) (JAX's keys take 64 bits, numpy's generators a seed >= 0)"),
 }  # fmt: skip
 
@@ -167,8 +174,20 @@ def validate(cfg: XGenConfig) -> None:
     for name, src in cfg.data_mix.sources.items():
         checks.append((src.kind != "prepared" or bool(src.path), f"data_mix.sources.{name}: kind 'prepared' needs a path"))
         local = src.kind == "prepared" and src.path and "://" not in src.path
-        if local and cfg.task.name == "pretrain" and not (Path(src.path) / "manifest.json").exists():
+        on_use = cfg.data_mix.prepare_on_use and src.raw is not None  # prepared by the run (xgen.data.prepare.ensure_prepared)
+        if local and cfg.task.name == "pretrain" and not on_use and not (Path(src.path) / "manifest.json").exists():
             checks.append((False, f"data_mix.sources.{name}.path={src.path}: not prepared (no manifest.json); run task=prepare first"))
+    if t.profile_steps:
+        a, b = (list(t.profile_steps) + [None, None])[:2]
+        checks.append((
+            len(t.profile_steps) == 2 and isinstance(a, int) and isinstance(b, int) and 1 <= a <= b,
+            f"trainer.profile_steps={list(t.profile_steps)} must be [first, last] steps with 1 <= first <= last",
+        ))  # fmt: skip
+    unknown = [n for n in t.eval_tasks if n not in IN_LOOP_BENCHMARKS]
+    checks.append((not unknown, f"trainer.eval_tasks: {', '.join(map(str, unknown))} cannot run in the loop; "
+                                f"the log-likelihood benchmarks can: {', '.join(IN_LOOP_BENCHMARKS)}"))  # fmt: skip
+    checks.append((not t.eval_tasks_every or bool(t.eval_tasks), "trainer.eval_tasks_every is set but trainer.eval_tasks is empty"))
+    checks += _own_data_checks(cfg)
     if t.init_from is not None and cfg.task.name in TRAINING_TASKS:
         checks.append((Path(t.init_from).exists(), f"trainer.init_from={t.init_from}: no such directory"))
     try:
@@ -181,6 +200,8 @@ def validate(cfg: XGenConfig) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than tokenizer {cfg.tokenizer.name!r}'s {vocab_needed} tokens",
         )
     )
+    if cfg.task.name in ("pretrain", "pretrain_all", "sft"):
+        check_trackers(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -222,6 +243,44 @@ def validate(cfg: XGenConfig) -> None:
                 f"batch of {batch} sequences (stage.batch_tokens / stage.seq_len) in trainer.grad_accum_steps={accum} "
                 f"micro-batches does not split over the mesh's data x fsdp = {shards} devices"
             )
+
+
+def check_trackers(cfg: XGenConfig) -> None:
+    """A tracker whose package is missing or broken fails here, in one line, before any data
+    is read or anything compiled (xgen/train/trackers.py opens them after the first compile)."""
+    import importlib
+
+    for name, module in (("tensorboard", "tensorboardX"), ("wandb", "wandb")):
+        if getattr(cfg.tracker, name) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as ex:
+            raise ConfigError(f"tracker={name} needs {module} ({ex}): pip install 'xgen[{name}]'") from None
+
+
+def _own_data_checks(cfg: XGenConfig) -> list[tuple[bool, str]]:
+    """`data_mix.paths` and `data_mix.text_field` are read only by a mix whose source
+    interpolates them (data_mix=files): set for another mix they would be ignored, and the
+    run would train on something else than the files named. A raw source needs files."""
+    mix, checks = cfg.data_mix, []
+    raws = {name: src.raw for name, src in mix.sources.items() if src.kind == "prepared" and src.raw is not None}
+    if mix.paths:
+        checks.append((any(list(r.paths) == list(mix.paths) for r in raws.values()), (
+            f"data_mix.paths is set but no source of data_mix={mix.name} reads it (data_mix=files does: "
+            f"python -m xgen.run data_mix=files data_mix.paths='[...]')"
+        )))  # fmt: skip
+    if mix.text_field is not None:
+        checks.append((any(r.text_field == mix.text_field for r in raws.values()), (
+            f"data_mix.text_field={mix.text_field} is set but no source of data_mix={mix.name} reads it; "
+            "a source names its own: data_mix.sources.<name>.raw.text_field"
+        )))  # fmt: skip
+    if cfg.task.name in ("prepare", "pretrain", "pretrain_all"):
+        for name, raw in raws.items():
+            key = "data_mix.paths" if mix.name == "files" else f"data_mix.sources.{name}.raw.paths"
+            example = f"{key}='[my/*.jsonl.gz]'"
+            checks.append((bool(raw.paths), f"data_mix={mix.name}: no files to read (data_mix.sources.{name}.raw.paths is empty); name them: {example}"))
+    return checks
 
 
 def mesh_shape(hw: HardwareConfig) -> dict[str, int]:

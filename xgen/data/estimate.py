@@ -34,7 +34,7 @@ import fsspec
 
 from xgen.config import DataMixConfig, PrepareConfig, RawInputConfig
 from xgen.data import storage
-from xgen.data.inputs import RawFile, source_files
+from xgen.data.inputs import RawFile, source_files, spread
 from xgen.data.prepare import sources_to_prepare
 from xgen.data.readers import COMPRESSIONS, corrupt_file_errors, detect_format, read_documents
 from xgen.data.units import plan_units
@@ -92,12 +92,6 @@ def _compression(path: str) -> str | None:
 def units_of(path: str, size: int, spec: RawInputConfig, split_bytes: int) -> int:
     """Work units of one file, by prepare's own rule (`xgen.data.units.plan_units`)."""
     return len(plan_units(path, (), (size, ""), spec, split_bytes))
-
-
-def spread(items: list, k: int = SAMPLE_FILES) -> list:
-    """k items evenly spread over the list (all of them when there are no more than k)."""
-    n = len(items)
-    return list(items) if n <= k else [items[(2 * i + 1) * n // (2 * k)] for i in range(k)]
 
 
 def _decompressor(compression: str) -> Callable[[], object]:
@@ -222,7 +216,7 @@ def plan_source(name: str, spec: RawInputConfig, opts: PrepareConfig, tok: Token
         detect_format(f.path, spec.format)  # refuses what the prepare would refuse, now
     sizes = dict(zip([f.path for f in expanded.files], stored_sizes([f.path for f in expanded.files])))
     total_bytes = sum(sizes.values())
-    chosen = spread(expanded.files)
+    chosen = spread(expanded.files, SAMPLE_FILES)
     samples = [(sample_file(f, sizes[f.path], spec, opts.sample_bytes, tok, min_doc_tokens), sizes[f.path]) for f in chosen]
     per_byte = {k: _weighted(samples, k) for k in ("tokens", "tokens_kept", "documents", "seconds")}
     rate = 1 / per_byte["seconds"] if per_byte["seconds"] > 0 else None

@@ -4,12 +4,20 @@ Local matches are resolved to their real paths, so the same file reached by anot
 (`data` against `$PWD/data`, a symlink) is one input. Dangling symlinks among the matches
 are returned, to be counted. What a file *is* (its content digest) is computed while it
 is prepared (`xgen.data.units`), never by a separate read.
+
+A path without wildcards that names a folder stands for the data files in it (`folder_files`):
+a Hugging Face dataset saved with `save_to_disk` is read as `datasets` would load it (its
+`state.json` lists its Arrow files; a `DatasetDict`'s folder is read through its `train`
+split), so `data_mix.paths=[my_dataset]` needs no knowledge of the layout.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,7 +25,15 @@ import fsspec
 
 from xgen.config import ConfigError
 
+log = logging.getLogger(__name__)
+
 _WILDCARDS = set("*?[")
+# What a folder's files are read as: the data formats of `xgen.data.readers`, under any
+# compression; anything else in a folder (a README.md, a .gitattributes) is left out, logged.
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".arrow", ".feather", ".txt")
+_COMPRESSED = ("", ".gz", ".zst", ".zstd", ".bz2", ".xz")
+# The Hugging Face Hub's shard names, `<split>-00000-of-00002[-<hash>].parquet` (push_to_hub).
+_HUB_SHARD = re.compile(r"^(?P<split>[\w.]+?)-\d{5}-of-\d{5}")
 
 
 class RawFile(NamedTuple):
@@ -46,9 +62,81 @@ def _parts_below(path: str, prefix: str) -> tuple[str, ...]:
     return tuple(p for p in rel.split("/") if p)
 
 
+def _is_data_file(name: str) -> bool:
+    lower = name.lower()
+    return lower not in _HF_METADATA and lower.endswith(tuple(s + c for s in _DATA_SUFFIXES for c in _COMPRESSED))
+
+
+# The metadata `save_to_disk` writes beside a dataset's Arrow files (not documents).
+_HF_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def _files_below(folder: str) -> list[str]:
+    """Every file below `folder` (dangling symlinks included, to be counted), hidden files and
+    folders (`.gitattributes`, `.cache/`) left out; paths start with `folder`."""
+    if "://" in folder:
+        fs, root = fsspec.core.url_to_fs(folder)
+        return [f"{folder.rstrip('/')}/{p[len(root):].lstrip('/')}" for p in fs.find(root)
+                if not any(part.startswith(".") for part in p[len(root):].split("/"))]  # fmt: skip
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(parent, n) for n in names if not n.startswith(".")]
+    return found
+
+
+def folder_files(folder: str) -> list[str]:
+    """The files a folder stands for, sorted. A dataset saved by `datasets`' `save_to_disk`:
+    the Arrow files its `state.json` lists; a `DatasetDict` (`dataset_dict.json`): its train
+    split's, since training on every split would train on the test set; any other folder: the
+    data files below it (by name: JSON Lines, JSON, Parquet, Arrow, text, under any
+    compression), the others logged as left out, and of files named as the Hub names a split's
+    shards (`train-00000-of-00002.parquet`), only the train split's."""
+    folder = folder.rstrip("/") or "/"
+    fs, root = fsspec.core.url_to_fs(folder)
+
+    def load(name: str) -> dict:
+        try:
+            with fs.open(f"{root}/{name}", "rb") as fh:
+                return json.load(fh)
+        except ValueError as ex:
+            raise ConfigError(f"{folder}/{name} is not JSON ({ex}): is the dataset saved whole?")
+
+    if fs.exists(f"{root}/dataset_dict.json"):
+        splits = [str(s) for s in load("dataset_dict.json").get("splits", [])]
+        if "train" not in splits:
+            raise ConfigError(
+                f"{folder} is a Hugging Face DatasetDict without a train split (splits: {', '.join(splits) or 'none'}): "
+                f"name the split to read, e.g. {folder}/{splits[0] if splits else '<split>'}"
+            )
+        log.info("%s is a Hugging Face DatasetDict (splits: %s): reading its train split", folder, ", ".join(splits))
+        return folder_files(f"{folder}/train")
+    if fs.exists(f"{root}/state.json"):
+        files = load("state.json").get("_data_files")
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
+            raise ConfigError(f"{folder}/state.json lists no _data_files: is it a dataset saved by datasets' save_to_disk?")
+        return sorted(f"{folder}/{f['filename']}" for f in files)
+    below = sorted(_files_below(folder))
+    kept = [p for p in below if _is_data_file(os.path.basename(p))]
+    if len(kept) < len(below):
+        left = [p[len(folder) :].lstrip("/") for p in below if p not in set(kept)]
+        log.info("%s: %d files that are not data left out (%s%s)", folder, len(left), ", ".join(left[:3]), ", ..." if len(left) > 3 else "")
+    splits = {m.group("split") if m else None for m in (_HUB_SHARD.match(os.path.basename(p)) for p in kept)}
+    if len(splits) > 1 and None not in splits:
+        if "train" not in splits:
+            raise ConfigError(
+                f"{folder} holds the Hub's shards of splits {', '.join(sorted(splits))} and no train split: "
+                f"name the files to read, e.g. '{folder}/**/{sorted(splits)[0]}-*'"
+            )
+        log.info("%s holds the Hub's shards of splits %s: reading the train split's", folder, ", ".join(sorted(splits)))
+        kept = [p for p in kept if _HUB_SHARD.match(os.path.basename(p)).group("split") == "train"]
+    return kept
+
+
 def expand_paths(patterns: list[str]) -> Expanded:
     """Files matching the patterns (local globs or fsspec URLs), sorted, each once, and the
-    dangling symlinks among the matches (counted, never silently skipped)."""
+    dangling symlinks among the matches (counted, never silently skipped). A path without
+    wildcards that names a folder stands for its files (`folder_files`)."""
     found: dict[str, tuple[str, ...]] = {}
     dangling: list[str] = []
     for pattern in patterns:
@@ -57,6 +145,10 @@ def expand_paths(patterns: list[str]) -> Expanded:
                 fs, _, paths = fsspec.get_fs_token_paths(pattern)
             except (ImportError, ValueError) as ex:  # e.g. gs:// without gcsfs installed
                 raise ConfigError(f"raw input {pattern}: {ex}")
+            if not _WILDCARDS & set(pattern) and paths and fs.isdir(paths[0]):
+                for url in folder_files(pattern):
+                    found.setdefault(url, _parts_below(url, pattern.rstrip("/")))
+                continue
             prefix = _fixed_prefix(pattern)
             for p in paths:
                 url = fs.unstrip_protocol(p)
@@ -64,12 +156,24 @@ def expand_paths(patterns: list[str]) -> Expanded:
             continue
         pattern = os.path.expanduser(pattern)
         prefix = os.path.abspath(_fixed_prefix(pattern) or ".")
-        for match in glob.glob(pattern, recursive=True):
+        matches = glob.glob(pattern, recursive=True)
+        if not _WILDCARDS & set(pattern) and os.path.isdir(pattern):
+            prefix, matches = os.path.abspath(pattern), folder_files(pattern)
+        for match in matches:
             if os.path.islink(match) and not os.path.exists(match):
                 dangling.append(match)
             elif os.path.isfile(match):
                 found.setdefault(os.path.realpath(match), _parts_below(os.path.abspath(match), prefix))
+            elif not os.path.exists(match):  # named by a dataset's state.json
+                raise ConfigError(f"{match} does not exist (listed in {os.path.dirname(match)}/state.json)")
     return Expanded([RawFile(p, found[p]) for p in sorted(found)], sorted(set(dangling)))
+
+
+def spread(items: list, k: int = 8) -> list:
+    """k items evenly spread over the list (all of them when there are no more than k): the
+    files a sample is read from, the same ones every time."""
+    n = len(items)
+    return list(items) if n <= k else [items[(2 * i + 1) * n // (2 * k)] for i in range(k)]
 
 
 def source_files(name: str, spec) -> Expanded:

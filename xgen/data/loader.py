@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from xgen.config import ConfigError, DataMixConfig, LoaderConfig, StageConfig
-from xgen.data.mixture import Part, integer_proportions, mixture_counts, select_parts
+from xgen.data.mixture import Part, heldout_docs, integer_proportions, mixture_counts, select_parts
 from xgen.data.packing import PackedWindows, to_model_batch
 from xgen.data.sources import open_store
 from xgen.data.store import DocumentStore
@@ -46,6 +46,35 @@ class DataPipeline:
     global_batch: int
     read_options: grain.ReadOptions
     report: dict = field(default_factory=dict)
+    heldout: dict[str, PackedWindows] = field(default_factory=dict)  # source -> its held-out windows
+    document_masking: bool = False
+
+    def heldout_batches(self, batches: int, process_index: int = 0, process_count: int = 1) -> dict[str, list[dict]]:
+        """Per source, up to `batches` batches of its held-out windows (in a fixed shuffled
+        order: the same batches every evaluation), as this host's rows; every batch carries
+        `loss_mask`, 0 on the rows that pad the last one. Sources with no held-out window
+        are left out (counted in data_mix.json's `heldout`)."""
+        out: dict[str, list[dict]] = {}
+        rows, local = self.global_batch, self.global_batch // process_count
+        for name, packed in self.heldout.items():
+            n = min(len(packed), batches * rows)
+            if n == 0:
+                continue
+            order = np.random.default_rng(0).permutation(len(packed))[:n]
+            source = []
+            for first in range(0, n, rows):
+                ids = list(order[first : first + rows])
+                real = np.zeros(rows, np.int32)
+                real[: len(ids)] = 1
+                ids += [ids[0]] * (rows - len(ids))
+                windows = [packed[int(i)] for i in ids]
+                stacked = {k: np.stack([w[k] for w in windows]) for k in windows[0]}
+                batch = to_model_batch(stacked, self.document_masking)
+                batch["loss_mask"] = batch.get("loss_mask", np.ones_like(batch["targets"])) * real[:, None]
+                mine = slice(process_index * local, (process_index + 1) * local)
+                source.append({k: v[mine] for k, v in batch.items()})
+            out[name] = source
+        return out
 
     def iterator(self) -> grain.DatasetIterator:
         """Batches in step order, built ahead by grain's threads; checkpointable state."""
@@ -127,6 +156,7 @@ def build_pipeline(
     if global_batch % process_count:
         raise ConfigError(f"a batch of {global_batch} sequences does not split over {process_count} processes")
     kept: list[tuple[Part, PackedWindows]] = []
+    heldout: dict[str, PackedWindows] = {}
     rows: list[dict] = []
     sources: dict[str, dict] = {}
     for name, src in mix.sources.items():
@@ -135,6 +165,10 @@ def build_pipeline(
         sources[name] = {"documents_prepared": len(store), **({"prepare": counts} if counts else {})}
         parts = select_parts(name, src, store, mix, stage.name)
         sources[name]["reconciliation"] = reconcile(name, store, parts, mix)
+        held = heldout_docs(name, src, store, mix)
+        heldout[name] = PackedWindows(store, held, seq_len=stage.seq_len, eot_id=tokenizer.eos_id)
+        sources[name]["heldout"] = {"share": mix.heldout_share, "documents": len(held),
+                                    "tokens": int(store.lengths[held].sum(dtype=np.int64)), "sequences": len(heldout[name])}  # fmt: skip
         for part in parts:
             packed = PackedWindows(store, part.docs, seq_len=stage.seq_len, eot_id=tokenizer.eos_id)
             row = {"source": name, "part": part.name, "configured_weight": part.weight, "weight": 0.0,
@@ -176,8 +210,9 @@ def build_pipeline(
     read_options = grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=loader.prefetch_batches)
     report = {"data_mix": mix.name, "stage": stage.name, "seq_len": stage.seq_len, "parts": rows, "sources": sources}
     return DataPipeline(
-        dataset, [p.name for p, _ in kept], [w for _, w in kept], weights, global_batch, read_options, report
-    )
+        dataset, [p.name for p, _ in kept], [w for _, w in kept], weights, global_batch, read_options, report,
+        heldout=heldout, document_masking=mix.document_masking,
+    )  # fmt: skip
 
 
 def reconcile(name: str, store: DocumentStore, parts: list[Part], mix: DataMixConfig) -> dict:
@@ -199,7 +234,7 @@ def reconcile(name: str, store: DocumentStore, parts: list[Part], mix: DataMixCo
     for part in parts:
         selected_docs += len(part.docs)
         selected_tokens += int(store.lengths[part.docs].sum(dtype=np.int64))
-        for reason in ("min_doc_tokens", "license") + tuple(k for k in part.dropped if k.startswith("where:")):
+        for reason in ("min_doc_tokens", "heldout", "license") + tuple(k for k in part.dropped if k.startswith("where:")):
             by_filter[reason] = by_filter.get(reason, 0) + part.dropped.get(reason, 0)
     kept = prepared - sum(by_filter.values())
     out = {

@@ -25,6 +25,7 @@ import numpy as np
 
 from xgen.config import ConfigError, DataMixConfig, SourceConfig
 from xgen.data.addresses import LIST_SEP, matches
+from xgen.data.heldout import heldout_mask
 from xgen.data.store import DocumentStore
 
 
@@ -68,11 +69,23 @@ def _seen(values: np.ndarray, limit: int = 5) -> str:
     return ", ".join(f"{v or '(empty)'!r} x{n}" for v, n in top)
 
 
-def _filters(name: str, src: SourceConfig, store: DocumentStore, mix: DataMixConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _filters(
+    name: str, src: SourceConfig, store: DocumentStore, mix: DataMixConfig, heldout: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(documents kept, {filter: documents it removed}); a filter that cannot apply to the
-    data, or that removes everything, is a one-line error naming the source and the counts."""
+    data, or that removes everything, is a one-line error naming the source and the counts.
+
+    The held-out documents (`xgen.data.heldout`) are removed first, after the length rule;
+    with `heldout`, they are the ones kept (the same filters then apply to them, so the
+    held-out loss measures the data the source trains on)."""
     keep = store.lengths >= mix.min_doc_tokens
     removed = {"min_doc_tokens": ~keep}
+    held = heldout_mask(store.keys, mix.heldout_share)
+    if heldout:
+        keep &= held
+    else:
+        removed["heldout"] = keep & held
+        keep &= ~held
     conditions: list[tuple[str, str, list[str], bool]] = []
     if src.licenses is not None:
         conditions.append(("license", "license", list(src.licenses), True))
@@ -98,7 +111,7 @@ def _filters(name: str, src: SourceConfig, store: DocumentStore, mix: DataMixCon
             )
         ok = matches(distinct, allowed, casefold=casefold)[codes] if coded else matches(store.meta[fld], allowed, casefold=casefold)
         removed[label] = keep & ~ok
-        if not (keep & ok).any() and not src.allow_empty:
+        if not (keep & ok).any() and not src.allow_empty and not heldout:
             raise ConfigError(
                 f"data_mix.sources.{name}.{key}={allowed} keeps 0 of {int(keep.sum())} documents "
                 f"(values: {_seen(store.meta[fld][keep])}); set allow_empty: true to run without it"
@@ -150,6 +163,12 @@ def select_parts(name: str, src: SourceConfig, store: DocumentStore, mix: DataMi
         weight = src.weight * float(kept_tokens[k]) / total if total else 0.0
         parts.append(Part(f"{name}/{value}", name, docs[order[bounds[k] : bounds[k + 1]]], weight, _nonzero(dropped)))
     return parts
+
+
+def heldout_docs(name: str, src: SourceConfig, store: DocumentStore, mix: DataMixConfig) -> np.ndarray:
+    """The source's held-out documents that pass its filters, in document order."""
+    keep, _ = _filters(name, src, store, mix, heldout=True)
+    return np.flatnonzero(keep)
 
 
 def _value_codes(stored: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:

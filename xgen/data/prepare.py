@@ -15,10 +15,18 @@ size and the store's identity (modification time, ETag, crc32c) cached in the ma
 
 While units are outstanding the manifest says `complete: false`, and training refuses the
 source; a rerun runs only the units without a completion record.
+
+A source that does not name its text field (`raw.text_field: null`, as `data_mix=files`)
+has it found from a sample of its files (`find_text_field`): a field of a usual name, or the
+only string field; anything else is a one-line error that lists the fields. The field found
+is logged and recorded in the manifest. A mix with `prepare_on_use` is prepared by the
+training run that first uses it (`ensure_prepared`), and reused by the next.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -29,8 +37,10 @@ from pathlib import Path
 from xgen.config import ConfigError, DataMixConfig, PrepareConfig, RawInputConfig, SourceConfig
 from xgen.data import storage
 from xgen.data.engine import engine_session, run_units
-from xgen.data.inputs import RawFile, source_files
+from xgen.data.inputs import RawFile, source_files, spread
+from xgen.data.readers import text_fields
 from xgen.data.shards import (
+    FORMAT,
     MANIFEST,
     build_index,
     check_files,
@@ -49,6 +59,65 @@ from xgen.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# Names a text column goes by in released corpora and Hugging Face datasets: RedPajama, C4,
+# the Pile, Dolma (text); StarCoderData, The Stack (content); RedPajama-V2 (raw_content);
+# code sets (code); XSum (document); CNN/DailyMail (article). A file with exactly one of them
+# has its text there; with two (text and code), which one is meant cannot be told.
+TEXT_FIELDS = ("text", "content", "raw_content", "contents", "code", "body", "document", "article", "markdown")
+
+
+def _choose(strings: list[str], fields: list[str]) -> tuple[str | None, str]:
+    """(the text field of one file, or None; why, or what stands in the way)."""
+    usual = [f for f in strings if f in TEXT_FIELDS]
+    if len(usual) == 1:
+        return usual[0], f"{usual[0]!r}, a usual name for text" + (f", among string fields {', '.join(strings)}" if len(strings) > 1 else "")
+    if len(usual) > 1:
+        return None, f"has several string fields of usual names for text ({', '.join(usual)})"
+    if len(strings) == 1:
+        return strings[0], f"{strings[0]!r}, its only string field"
+    if not strings:
+        return None, f"has no string field (fields: {', '.join(fields) or 'none'})"
+    return None, f"has several string fields ({', '.join(strings)}), none of a usual name for text ({', '.join(TEXT_FIELDS)})"
+
+
+def find_text_field(name: str, spec: RawInputConfig, files: list[RawFile], hint: str) -> tuple[RawInputConfig, str | None]:
+    """`spec` with its text field set, and how it was found (None: the config named it, or
+    the files are plain text and have none). The field is chosen in each of up to 8 files
+    spread over the list, and all must agree; a file with no readable record has no say (the
+    prepare counts it). `hint` is the key that names the field (`data_mix.text_field`).
+    Anything but one clear answer is a one-line ConfigError listing the fields: a wrong guess
+    would train, without a word, on the wrong column."""
+    if spec.text_field is not None:
+        return spec, None
+    answers = {f.path: text_fields(f.path, spec.format) for f in spread(files)}
+    answers = {path: fields for path, fields in answers.items() if fields is not None}
+    if not answers:
+        return spec, None
+    chosen: dict[str, tuple[str | None, str]] = {p: _choose(*fields) for p, fields in answers.items() if fields[1]}
+    if not chosen:
+        raise ConfigError(
+            f"data_mix.sources.{name}: no record in the {len(answers)} files sampled to find the text field in "
+            f"({next(iter(answers))}, ...); name it: {hint}=<field>"
+        )
+    for path, (field, why) in chosen.items():
+        if field is None:
+            strings, fields = answers[path]
+            example = next((f for f in strings if f in TEXT_FIELDS), strings[0] if strings else "<field>")
+            raise ConfigError(f"data_mix.sources.{name}: which field holds the text? {path} {why}; name it: {hint}={example}")
+    fields = sorted({field for field, _ in chosen.values()})
+    if len(fields) > 1:
+        each = ", ".join(f"{p}: {f}" for p, (f, _) in list(chosen.items())[:4])
+        raise ConfigError(
+            f"data_mix.sources.{name}: its files hold their text in different fields ({each}); name one: {hint}={fields[0]} "
+            "(records without it are counted as missing_field), or give each kind of file its own source"
+        )
+    field, why = next(iter(chosen.values()))
+    unread = len(answers) - len(chosen)
+    how = f"found: {why}; {len(answers)} of {len(files)} files sampled" + (f", {unread} without a readable record" if unread else "")
+    log.info("data_mix.sources.%s: the text is field %r (%s; %s=<field> names another)", name, field, how, hint)
+    return dataclasses.replace(spec, text_field=field), how
+
+
 def _open_manifest(
     name: str, root: str, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
 ) -> dict:
@@ -64,8 +133,10 @@ def _open_manifest(
         raise ConfigError(
             f"{root} was prepared with raw={theirs[0]}, min_doc_tokens={theirs[1]} and prepare.split_bytes={theirs[2]}, "
             f"this run says raw={ours[0]}, min_doc_tokens={ours[1]} and prepare.split_bytes={ours[2]}; "
-            "prepare into another directory"
-        )
+            "prepare into another directory: "
+            + ("data_mix.name=<another name> (data_mix=files prepares into <data_dir>/prepared/<data_mix.name>)"
+               if name == "files" else f"data_mix.sources.{name}.path=<another directory>")
+        )  # fmt: skip
     return manifest
 
 
@@ -167,9 +238,13 @@ def _remove_unreferenced(root: str, manifest: dict, keep_units: set[str]) -> Non
 
 
 def prepare_source(
-    name: str, out_dir: str | Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig
-) -> dict:
-    """Prepare every not-yet-done unit of one source; returns the manifest's totals."""
+    name: str, out_dir: str | Path, spec: RawInputConfig, tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig,
+    text_field_found: str | None = None,
+) -> dict:  # fmt: skip
+    """Prepare every not-yet-done unit of one source; returns the manifest's totals.
+    `text_field_found`: how `find_text_field` found `spec.text_field` (recorded in the manifest)."""
+    if spec.text_field is None:
+        spec, text_field_found = find_text_field(name, spec, source_files(name, spec).files, f"data_mix.sources.{name}.raw.text_field")
     root = str(out_dir)
     storage.makedirs(root)
     manifest = _open_manifest(name, root, spec, tokenizer, min_doc_tokens, opts)
@@ -206,15 +281,18 @@ def prepare_source(
     if index_damaged or manifest.get("index", {}).get("of") != index_key(manifest):
         manifest["index"] = build_index(root, manifest)
     manifest["totals"] = summarize(manifest)
+    named = "named in the config" if spec.text_field is not None else "none: plain text files"
+    manifest["text_field"] = {"field": spec.text_field, "how": text_field_found or named}
     manifest["complete"], manifest["pending"] = True, []
     write_json(storage.join(root, MANIFEST), manifest)
     _remove_unreferenced(root, manifest, set())
     totals = manifest["totals"]
     if not totals.get("documents"):
         problems = {k: v for k, v in totals.items() if isinstance(v, int) and v and k not in ("files", "shards", "units", "raw_bytes")}
+        short = f", data_mix.min_doc_tokens={min_doc_tokens}" if totals.get("dropped_short") else ""
         raise ConfigError(
             f"data_mix.sources.{name}: {totals['files']} files under {spec.paths} gave no document ({problems}); "
-            f"check raw.text_field={spec.text_field!r} and raw.format"
+            f"check raw.text_field={spec.text_field!r}{short} and raw.format"
         )
     return totals
 
@@ -272,13 +350,28 @@ def _assemble(
     manifest["skipped"] = {k: v for k, v in skipped.items() if v}
 
 
-def sources_to_prepare(mix: DataMixConfig) -> dict[str, SourceConfig]:
+def text_field_key(mix: DataMixConfig, name: str) -> str:
+    """The key that names a source's text field on the command line: `data_mix.text_field`
+    for a source that reads `data_mix.paths` (data_mix=files), else the source's own."""
+    raw = mix.sources[name].raw
+    return "data_mix.text_field" if mix.paths and raw is not None and list(raw.paths) == list(mix.paths) else f"data_mix.sources.{name}.raw.text_field"
+
+
+def sources_to_prepare(mix: DataMixConfig, found: dict[str, str] | None = None) -> dict[str, SourceConfig]:
     """The sources `prepare` writes, by name: those with kind=prepared and raw inputs, one per
     prepared `path` (subsets of one release selected by `where` share it and are prepared
-    once); sources sharing a path but reading their raw files differently are refused."""
+    once); sources sharing a path but reading their raw files differently are refused. A
+    source without a text field has it found here (`find_text_field`), and how goes into
+    `found` by source name."""
     todo = {name: src for name, src in mix.sources.items() if src.kind == "prepared" and src.raw is not None}
     if not todo:
         raise ConfigError(f"data_mix={mix.name} has no source with kind=prepared and raw inputs to prepare")
+    for name, src in todo.items():
+        if src.raw.text_field is None:
+            raw, how = find_text_field(name, src.raw, source_files(name, src.raw).files, text_field_key(mix, name))
+            todo[name] = dataclasses.replace(src, raw=raw)
+            if how is not None and found is not None:
+                found[name] = how
     by_path: dict[str, str] = {}
     for name, src in todo.items():
         first = by_path.setdefault(src.path, name)
@@ -290,6 +383,106 @@ def sources_to_prepare(mix: DataMixConfig) -> dict[str, SourceConfig]:
 
 def prepare_mix(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig) -> dict[str, dict]:
     """Prepare every source of the mixture that names raw inputs (`sources_to_prepare`)."""
-    todo = sources_to_prepare(mix)
+    found: dict[str, str] = {}
+    todo = sources_to_prepare(mix, found)
     with engine_session(opts):  # one Ray for all sources
-        return {name: prepare_source(name, src.path, src.raw, tokenizer, mix.min_doc_tokens, opts) for name, src in todo.items()}
+        return {
+            name: prepare_source(name, src.path, src.raw, tokenizer, mix.min_doc_tokens, opts, found.get(name))
+            for name, src in todo.items()
+        }
+
+
+def _up_to_date(src: SourceConfig, files: list[RawFile], tokenizer: Tokenizer, min_doc_tokens: int, opts: PrepareConfig) -> dict | None:
+    """The totals of a source whose prepared data is complete and made from exactly these
+    files (each one's size and store identity as cached when it was prepared) with these
+    settings; None when a prepare has anything to do (which it then decides file by file)."""
+    path = storage.join(src.path, MANIFEST)
+    if not storage.exists(path):
+        return None
+    manifest = read_json(path)
+    same = (
+        manifest.get("format") == FORMAT
+        and manifest.get("tokenizer", {}).get("identity") == tokenizer.identity
+        and manifest.get("complete")
+        and (manifest.get("raw"), manifest.get("min_doc_tokens"), manifest.get("split_bytes"))
+        == (raw_identity(src.raw), min_doc_tokens, opts.split_bytes)
+    )
+    cache = manifest.get("stat_cache", {})
+    if not same or set(cache) != {f.path for f in files}:
+        return None
+    for f in files:
+        hit = cache[f.path]
+        if hit[:2] != list(storage.stat(f.path)) or hit[2] not in manifest["files"]:
+            return None
+    return manifest["totals"]
+
+
+def describe(name: str, path: str, totals: dict, min_doc_tokens: int) -> str:
+    """One line for a person: a prepared source's files, documents, tokens and shards, where
+    they are, and what was left out and why (the manifest has every count)."""
+    words = {
+        "dropped_short": ("document", f"under data_mix.min_doc_tokens={min_doc_tokens}"),
+        "missing_field": ("record", "without the text field"),
+        "malformed_json": ("malformed JSON record", ""),
+        "invalid_utf8": ("record", "not in UTF-8"),
+        "empty_files": ("empty file", ""),
+        "corrupt_files": ("corrupt or truncated file", ""),
+        "dangling_symlinks": ("dangling symlink", ""),
+        "duplicate_files": ("file", "that copies another"),
+    }
+    left = [_count(totals[k], *w) for k, w in words.items() if totals.get(k)]
+    held = ", ".join(_count(totals.get(k, 0), k.removesuffix("s")) for k in ("files", "documents", "tokens"))
+    return f"data_mix.sources.{name}: {held} in {_count(totals.get('shards', 0), 'shard')} at {path}" + (
+        f"; left out: {', '.join(left)}" if left else ""
+    )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _count(n: int, noun: str, rest: str = "") -> str:
+    """`1 file`, `2 files`, `3 records without the text field`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}" + (f" {rest}" if rest else "")
+
+
+def ensure_prepared(mix: DataMixConfig, tokenizer: Tokenizer, opts: PrepareConfig, *, process_count: int = 1) -> dict[str, dict]:
+    """For a mix with `prepare_on_use` (data_mix=files): prepare, at the start of a training
+    run, each raw source whose prepared data is missing or not made from its current files
+    (`prepare_source`'s rules decide what is redone), saying where the shards go and what
+    they hold; reuse, without writing anything, those that are. Returns each source's totals
+    ({} for other mixes: a corpus of terabytes is prepared by `task=prepare`, on workers or a
+    cluster, never as a side effect of a training run). A run of several processes does
+    not prepare (each would): it is told to run `task=prepare` first."""
+    if not mix.prepare_on_use or not any(s.kind == "prepared" and s.raw is not None for s in mix.sources.values()):
+        return {}
+    found: dict[str, str] = {}
+    todo = sources_to_prepare(mix, found)
+    files = {name: source_files(name, src.raw).files for name, src in todo.items()}
+    result, stale = {}, []
+    for name, src in todo.items():
+        totals = _up_to_date(src, files[name], tokenizer, mix.min_doc_tokens, opts)
+        if totals is None:
+            stale.append(name)
+        else:
+            result[name] = totals
+            log.info("reusing %s (prepared before for these files)", describe(name, src.path, totals, mix.min_doc_tokens))
+    if stale and process_count > 1:
+        raise ConfigError(
+            f"data_mix={mix.name}: {', '.join(stale)} not prepared for these files, and this run has {process_count} processes; "
+            f"prepare first, on one: python -m xgen.run task=prepare data_mix={mix.name} <the same data_mix overrides>"
+        )
+    with engine_session(opts) if stale else contextlib.nullcontext():
+        for name in stale:
+            src = todo[name]
+            size = sum(storage.stat(f.path)[0] for f in files[name])
+            log.info(
+                "data_mix.sources.%s: preparing %s (%s) into %s: tokenized once, reused by later runs",
+                name, _count(len(files[name]), "file"), _size(size), src.path,
+            )  # fmt: skip
+            result[name] = prepare_source(name, src.path, src.raw, tokenizer, mix.min_doc_tokens, opts, found.get(name))
+            log.info("prepared %s", describe(name, src.path, result[name], mix.min_doc_tokens))
+    return result

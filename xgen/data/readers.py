@@ -1,4 +1,5 @@
-"""Streaming readers for raw corpora as released: JSON Lines, JSON arrays, Parquet, plain text.
+"""Streaming readers for raw corpora as released: JSON Lines, JSON arrays, Parquet, Arrow
+(a Hugging Face dataset saved with `save_to_disk`), plain text.
 
 Every reader yields `(text, metadata)` one document at a time, and never raises on bad
 input: invalid UTF-8, empty files, truncated compressed files, lines that break the JSON
@@ -9,6 +10,8 @@ work where the matching fsspec backend is installed.
 
 Text and metadata are found by address (`xgen.data.addresses`), so nested release formats
 (RedPajama's `meta`, StarCoderData's language folders) are read as they are published.
+`text_fields` lists what a file's records could hold their text in, for `prepare` to find
+the text field when a config does not name it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import fsspec
 from xgen.config import ConfigError, RawInputConfig
 from xgen.data.addresses import Address, compile_addresses, stored_value
 
-FORMATS = ("jsonl", "json", "parquet", "text")
+FORMATS = ("jsonl", "json", "parquet", "arrow", "text")
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Containers and codecs that are not one document stream: read as text they would be garbage.
 REFUSED = (".zip", ".tar", ".tgz", ".7z", ".rar", ".lz4", ".lz", ".lzo", ".br", ".snappy", ".z")
@@ -62,6 +65,10 @@ def detect_format(path: str, declared: str | None) -> str:
         return "json"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith((".arrow", ".feather")):
+        if name != path.lower():  # pyarrow reads an Arrow file by seeking; a compressed one cannot be
+            raise ConfigError(f"{path}: a compressed Arrow file is not read; decompress it")
+        return "arrow"
     return "text"
 
 
@@ -112,7 +119,7 @@ class _Extract:
     """Text and metadata of a record, by address; what is missing is counted."""
 
     def __init__(self, spec: RawInputConfig, parts: tuple[str, ...], counts: Counter):
-        self.text = Address.parse(spec.text_field)
+        self.text = Address.parse(spec.text_field) if spec.text_field is not None else None  # None: text files only
         self.meta = compile_addresses(spec.meta)
         self.parts, self.counts = parts, counts
 
@@ -177,6 +184,30 @@ def _records_of_parquet(raw: IO[bytes], columns: set[str], counts: Counter) -> I
             yield record
 
 
+def _arrow_batches(raw: IO[bytes]) -> tuple[Any, Iterator[Any]]:
+    """(schema, record batches) of an Arrow IPC file: the stream format, which `datasets`'
+    `save_to_disk` writes (`data-00000-of-0000N.arrow`), or the file format (Feather v2,
+    `pyarrow.ipc.new_file`), told apart by the file format's magic bytes."""
+    import pyarrow as pa
+
+    head = raw.read(6)
+    raw.seek(0)
+    if head == b"ARROW1":
+        reader = pa.ipc.open_file(raw)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    stream = pa.ipc.open_stream(raw)
+    return stream.schema, iter(stream)
+
+
+def _records_of_arrow(raw: IO[bytes], columns: set[str], counts: Counter) -> Iterator[Any]:
+    schema, batches = _arrow_batches(raw)
+    wanted = [c for c in schema.names if c in columns]
+    for batch in batches:
+        for record in batch.select(wanted).to_pylist():
+            counts["records"] += 1
+            yield record
+
+
 def _text(stream: IO[bytes] | Iterator[bytes], counts: Counter) -> Iterator[tuple[str, dict]]:
     """A text file is one document; a bad byte loses this file's document and nothing else."""
     data = _read_all(stream)
@@ -198,7 +229,7 @@ def corrupt_file_errors(fmt: str) -> tuple[type[BaseException], ...]:
         errors.append(zstandard.ZstdError)
     except ImportError:
         pass
-    if fmt == "parquet":
+    if fmt in ("parquet", "arrow"):
         import pyarrow
 
         errors.append(pyarrow.ArrowException)
@@ -256,6 +287,57 @@ def _range_lines(raw: IO[bytes], start: int, end: int, digest: Any, counts: Coun
         yield line
 
 
+def _need_pyarrow(path: str, fmt: str) -> None:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{path}: reading {fmt.capitalize()} needs pyarrow: pip install 'xgen[parquet]'")
+
+
+def _is_text_type(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"
+
+
+def text_fields(path: str, declared: str | None, records: int = 100) -> tuple[list[str], list[str]] | None:
+    """(fields that hold text, every top-level field) of one file, in the file's order; None
+    for a plain text file, which has no fields. Parquet and Arrow files answer from their
+    schema (string columns); JSON from its first `records` records, where a field holds text
+    if it is a string in at least half of them (a few bad records, `{"text": 42}`, do not hide
+    the text field; a field most records lack, or hold something else in, is not it). A file
+    that has no readable record answers ([], []): the prepare counts what is wrong with it;
+    a truncated one answers from the records before the damage."""
+    fmt = detect_format(path, declared)
+    if fmt == "text":
+        return None
+    if fmt in ("parquet", "arrow"):
+        _need_pyarrow(path, fmt)
+    seen: dict[str, int] = {}  # field -> records in which it is a string
+    n = 0  # records (JSON objects) read
+    try:
+        with fsspec.open(path, "rb") as raw:
+            if fmt in ("parquet", "arrow"):
+                import pyarrow.parquet as pq
+
+                schema = pq.ParquetFile(raw).schema_arrow if fmt == "parquet" else _arrow_batches(raw)[0]
+                return [f.name for f in schema if _is_text_type(f.type)], list(schema.names)
+            counts: Counter = Counter()
+            stream = _open_decompressed(raw, path)
+            found = _records_of_json(stream, counts) if fmt == "json" else _records_of_lines(stream, counts)
+            for record in found:
+                if not isinstance(record, dict):
+                    continue
+                n += 1
+                for key, value in record.items():
+                    seen[key] = seen.get(key, 0) + isinstance(value, str)
+                if n >= records:
+                    break
+    except corrupt_file_errors(fmt):  # a truncated file: the records before the damage answer
+        pass
+    return [k for k, strings in seen.items() if strings and 2 * strings >= n], list(seen)
+
+
 def read_documents(
     path: str,
     spec: RawInputConfig,
@@ -275,11 +357,10 @@ def read_documents(
     `counts["raw_bytes"]` counts them.
     """
     fmt = detect_format(path, spec.format)
-    if fmt == "parquet":
-        try:
-            import pyarrow.parquet  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"{path}: reading Parquet needs pyarrow: pip install 'xgen[parquet]'")
+    if fmt in ("parquet", "arrow"):
+        _need_pyarrow(path, fmt)
+    if spec.text_field is None and fmt != "text":
+        raise ConfigError(f"{path}: raw.text_field is not set (prepare finds it before reading: xgen.data.prepare)")
     if digest is None:
         digest = hashlib.blake2b(digest_size=16)
     extract = _Extract(spec, parts, counts)
@@ -291,9 +372,10 @@ def read_documents(
                 docs: Iterator[tuple[str, dict] | None] = map(
                     extract, _records_of_lines(_range_lines(opened, *byte_range, digest, counts), counts)
                 )
-            elif fmt == "parquet":
+            elif fmt in ("parquet", "arrow"):
                 columns = {a.column for a in (extract.text, *extract.meta.values())}
-                docs = map(extract, _records_of_parquet(opened, columns, counts))
+                records = (_records_of_parquet if fmt == "parquet" else _records_of_arrow)(opened, columns, counts)
+                docs = map(extract, records)
             else:
                 raw = _Hashing(opened, digest, counts)
                 if fmt == "text":
@@ -314,7 +396,7 @@ def read_documents(
     except corrupt_file_errors(fmt):  # the file could not be opened or read at all
         counts["corrupt_files"] += 1
         return
-    if fmt == "parquet":  # read by seeking: hashed in one sequential pass
+    if fmt in ("parquet", "arrow"):  # read by seeking: hashed in one sequential pass
         with fsspec.open(path, "rb") as fh:
             _Hashing(fh, digest, counts).drain()
     if counts["records"] == records_before and (byte_range is None or byte_range[0] == 0):

@@ -13,7 +13,9 @@
     index/                    the whole source's index as memory-mappable arrays, in
                               document order: `starts.npy` (int64 token offsets, n + 1),
                               `lengths.npy` (uint32) and per metadata field `meta_<f>.npy`
-                              (small integer codes) with `meta_<f>.values.npy` (the values);
+                              (small integer codes) with `meta_<f>.values.npy` (the values),
+                              and `keys.npy` (uint16: each document's content key, which
+                              decides the held-out documents: xgen.data.heldout);
                               each file's size and BLAKE2b are in the manifest, as a shard's
 
 Document order is input file order (sorted paths), then byte offset within the file: it
@@ -38,13 +40,14 @@ import numpy as np
 
 from xgen.config import ConfigError, RawInputConfig
 from xgen.data import storage
+from xgen.data.heldout import content_key
 from xgen.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"  # local shards whose BLAKE2b was checked, by size and mtime
-FORMAT = "xgen-shards-v3"
+FORMAT = "xgen-shards-v4"  # v4: content keys for the held-out split
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -136,6 +139,7 @@ class ShardWriter:
     _bytes: int = 0
     _lengths: list[int] = field(default_factory=list)
     _meta: dict[str, list[str]] = field(default_factory=dict)
+    _keys: list[int] = field(default_factory=list)
     _tokens: int = 0
 
     def _name(self) -> str:
@@ -147,13 +151,14 @@ class ShardWriter:
                 self._stage = storage.staging_dir(storage.join(self.root, "shards"))
             self._fh = open(os.path.join(self._stage, f"{self._name()}.tokens"), "wb")
             self._hash, self._bytes = hashlib.blake2b(digest_size=16), 0
-            self._lengths, self._tokens = [], 0
+            self._lengths, self._keys, self._tokens = [], [], 0
             self._meta = {f: [] for f in self.meta_fields}
         data = np.ascontiguousarray(tokens, self.dtype).tobytes()
         self._fh.write(data)
         self._hash.update(data)
         self._bytes += len(data)
         self._lengths.append(len(tokens))
+        self._keys.append(content_key(tokens))
         for f in self.meta_fields:
             self._meta[f].append(meta.get(f, ""))
         self._tokens += len(tokens)
@@ -164,7 +169,7 @@ class ShardWriter:
         if self._fh is None:
             return
         self._fh.close()
-        arrays = {"lengths": np.asarray(self._lengths, np.int64)}
+        arrays = {"lengths": np.asarray(self._lengths, np.int64), "keys": np.asarray(self._keys, np.uint16)}
         arrays.update({f"meta_{f}": np.asarray(v, dtype=str) for f, v in self._meta.items()})
         with open(os.path.join(self._stage, f"{self._name()}.index.npz"), "wb") as fh:
             np.savez(fh, **arrays)
@@ -201,12 +206,14 @@ def build_index(root: str, manifest: dict) -> dict:
     scratch = storage.staging_dir(root)
     starts = np.lib.format.open_memmap(os.path.join(scratch, "starts.npy"), "w+", np.int64, (n + 1,))
     lengths = np.lib.format.open_memmap(os.path.join(scratch, "lengths.npy"), "w+", np.uint32, (n,))
+    keys = np.lib.format.open_memmap(os.path.join(scratch, "keys.npy"), "w+", np.uint16, (n,))
     strings: dict[str, list[np.ndarray]] = {f: [] for f in fields}
     at, offset = 0, 0
     starts[0] = 0
     for s in shards:
         with np.load(io.BytesIO(storage.read_bytes(storage.join(root, "shards", s["name"] + ".index.npz")))) as ix:
             lens = ix["lengths"]
+            keys[at : at + len(lens)] = ix["keys"]
             for f in fields:
                 strings[f].append(ix[f"meta_{f}"])
         if len(lens) != s["documents"]:
@@ -217,6 +224,7 @@ def build_index(root: str, manifest: dict) -> dict:
         offset += int(lens.sum())
     starts.flush()
     lengths.flush()
+    keys.flush()
     recorded: dict = {"documents": n, "fields": {}}
     for f in fields:
         values, codes = np.unique(np.concatenate(strings[f]) if strings[f] else np.zeros(0, str), return_inverse=True)
@@ -224,7 +232,7 @@ def build_index(root: str, manifest: dict) -> dict:
         np.save(os.path.join(scratch, f"meta_{f}.npy"), codes.astype(code_dtype))
         np.save(os.path.join(scratch, f"meta_{f}.values.npy"), values)
         recorded["fields"][f] = len(values)
-    del starts, lengths
+    del starts, lengths, keys
     index_dir = storage.join(root, "index")
     storage.makedirs(index_dir)
     files = {}

@@ -29,12 +29,18 @@ def python_docs() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+_NOT_LIBRARY_CODE = ("site-packages", "encodings", "test", "tests", "idle_test")
+
+
 def _python_files(root: Path) -> list[Path]:
     """The `.py` files under `root`, not descending into site-packages (os.walk prunes it;
-    `rglob` would list every installed package first, seconds on a full environment)."""
+    `rglob` would list every installed package first, seconds on a full environment), nor
+    into `encodings` (generated codec tables, `0x00 -> LATIN CAPITAL LETTER ...` by the
+    hundred lines) or the test suites (`test`, `tests`, `idle_test`: assertEqual by the
+    thousand), which a small model learns first, and only, if left in."""
     found = []
     for parent, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "site-packages"]
+        dirs[:] = [d for d in dirs if d not in _NOT_LIBRARY_CODE]
         found += [Path(parent) / n for n in names if n.endswith(".py")]
     return found
 

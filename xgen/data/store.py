@@ -18,15 +18,18 @@ import numpy as np
 
 from xgen.config import ConfigError
 from xgen.data import storage
+from xgen.data.heldout import content_keys
 from xgen.data.shards import MANIFEST, check_files, check_tokenizer, ordered_shards, read_json
 from xgen.tokenizer import Tokenizer
 
 
 class DocumentStore:
-    """`lengths[i]` tokens and `meta[field][i]` metadata of document i; `tokens(i)` reads it."""
+    """`lengths[i]` tokens, `meta[field][i]` metadata and `keys[i]` content key
+    (`xgen.data.heldout`) of document i; `tokens(i)` reads it."""
 
     lengths: np.ndarray
     meta: dict[str, np.ndarray]
+    keys: np.ndarray
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -55,6 +58,7 @@ class InMemoryStore(DocumentStore):
         self._docs = [np.asarray(d, np.int32) for d in docs]
         self.lengths = np.asarray([len(d) for d in self._docs], np.int64)
         self.meta = {}
+        self.keys = content_keys(self._docs)
 
     def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._docs[doc][start:stop]
@@ -124,6 +128,7 @@ class ShardStore(DocumentStore):
         index = self._open_index()
         self.lengths = index("lengths.npy")
         self._starts = index("starts.npy")
+        self.keys = index("keys.npy")
         self.meta = _CodedMeta({f: (index(f"meta_{f}.npy"), index(f"meta_{f}.values.npy")) for f in manifest["meta_fields"]})
         self._shard_starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in self._shards])]).astype(np.int64)
         self._maps: dict[int, np.ndarray] = {}

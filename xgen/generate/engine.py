@@ -18,6 +18,7 @@ against the cache instead, each piece's scores [rows, heads, chunk, slots].
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from xgen.config import RopeType, SamplingConfig
+from xgen.console import heartbeat
 from xgen.generate.sampling import N_TOP_LOGPROBS, next_tokens
 from xgen.generate.stops import StopMatcher
 from xgen.model.transformer import KVCache, XGenModel, write_cache
@@ -137,6 +139,24 @@ def _incomplete_tail(raw: bytes) -> int:
     return 0
 
 
+def _first_call_heartbeat(what: str):
+    """The first call of each kind compiles the model's programs (minutes for a large model
+    on a pod): it logs a heartbeat until it returns (`xgen.console.heartbeat`)."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self, *args, **kwargs):
+            if what in self._called:
+                return method(self, *args, **kwargs)
+            self._called.add(what)
+            with heartbeat(f"{what} (the first call compiles the model)"):
+                return method(self, *args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
 class Engine:
     """A loaded model that completes and scores token sequences (thread-compatible: callers
     serialize calls, as the server's batcher does)."""
@@ -148,13 +168,15 @@ class Engine:
         """`params` placed as `runtime.abstract_params` says (sharded on its mesh, or not).
 
         Sampling never draws an id the tokenizer cannot decode (the output head's padding
-        rows). Scores are normalized over the same ids, unless `score_all_rows`: then over
-        every row of the head, as lm-evaluation-harness's `hf` backend and the training loss
-        compute them (evaluation's default, so its log-likelihoods are the reference's).
+        rows). Scores, and the log-probs reported with generated tokens, are normalized over
+        the same ids, unless `score_all_rows`: then over every row of the head, as
+        lm-evaluation-harness's `hf` backend and the training loss compute them (evaluation's
+        and the server's default, so their log-likelihoods are the reference's).
 
         `max_len` is capped at the model's `max_positions` under plain RoPE; a model with a
         RoPE scaling rule may be run past it (measuring the rule there is the point)."""
         model_cfg = runtime.model
+        self._called: set[str] = set()  # kinds of call made once already (_first_call_heartbeat)
         self.score_all_rows = score_all_rows
         self.score_chunk = score_chunk
         self.runtime = runtime
@@ -189,6 +211,13 @@ class Engine:
         logits = model.logits(hidden)
         return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
 
+    def _sample(self, logits: jax.Array, sampling) -> tuple[jax.Array, ...]:
+        """`next_tokens` over the head's raw `logits`: drawn from the tokenizer's ids only,
+        their log-probs normalized as `score`'s are (so a token's log-prob is the same number
+        whether it was generated or echoed and scored)."""
+        masked = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
+        return next_tokens(masked, *sampling, logprob_logits=logits if self.score_all_rows else None)
+
     def _score_logprobs(self, model: XGenModel, hidden: jax.Array) -> jax.Array:
         """Log-probs for scoring: over the tokenizer's ids, or every row (`score_all_rows`)."""
         logits = model.logits(hidden) if self.score_all_rows else self._logits(model, hidden)
@@ -196,7 +225,8 @@ class Engine:
 
     def _run(self, params, tokens, positions, index, caches, pad_start):
         """New tokens (at slots index..index+t-1) see earlier slots and each other back to
-        their row's first real token (`pad_start`)."""
+        their row's first real token (`pad_start`). Returns the last position's logits over
+        every row of the head (`_sample` hides the padding rows) and the new keys and values."""
         (b, t), slots = tokens.shape, caches[0][1].shape[2]
         query = index + jnp.arange(t)
         first = pad_start[:, None, None]
@@ -206,13 +236,13 @@ class Engine:
         layer_caches = [KVCache(k, v, allowed_cached, allowed_new) for k, v in caches]
         model = self._model(params)
         h, new_kv = model.decode(tokens, positions, layer_caches)
-        return self._logits(model, h[:, -1:])[:, 0], new_kv
+        return model.logits(h[:, -1:])[:, 0], new_kv
 
     def _step_fn(self, params, tokens, positions, pad_start, caches, sampling, index):
         """Prefill (index 0, the whole prompt) or one decoding step: sampled next tokens and
         the new tokens' keys and values for `write_cache`."""
         logits, new_kv = self._run(params, tokens, positions, index, caches, pad_start)
-        return next_tokens(logits, *sampling), new_kv
+        return self._sample(logits, sampling), new_kv
 
     def _score_fn(self, params, tokens, top: int):
         """Each next token's log-prob, the argmax (greedy) token, and with `top` > 0 the `top`
@@ -286,6 +316,7 @@ class Engine:
 
     # ---- host API ---------------------------------------------------------------------
 
+    @_first_call_heartbeat("generating")
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -377,6 +408,7 @@ class Engine:
             c.token_logprobs, c.top_logprobs = c.token_logprobs[:n], c.top_logprobs[:n]
         return out
 
+    @_first_call_heartbeat("scoring")
     def score(self, sequences: Sequence[Sequence[int]], top_logprobs: int = 0) -> list[Scored]:
         """log P(token_i | tokens_<i) for every token of every sequence (one forward pass;
         what lm-evaluation-harness's log-likelihood requests need)."""
@@ -394,6 +426,7 @@ class Engine:
             result.append(Scored(tokens=list(s), token_logprobs=lps, top_logprobs=tops, greedy_tokens=argmax))
         return result
 
+    @_first_call_heartbeat("scoring")
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]], token_ids: Sequence[int]) -> np.ndarray:
         """[prompts, token_ids] log-probabilities of each candidate next token after each
         prompt, in one forward pass (multiple choice with one-token answers, like MMLU's
@@ -403,6 +436,7 @@ class Engine:
         out = self._next(self.params, tokens, last, np.asarray(token_ids, np.int32))
         return np.asarray(jax.device_get(out))[: len(prompts)]
 
+    @_first_call_heartbeat("scoring")
     def score_tails(
         self, sequences: Sequence[Sequence[int]], counts: Sequence[int], width: int | None = None
     ) -> list[tuple[list[float], list[int]]]:

@@ -50,9 +50,11 @@ def load_params(cfg: XGenConfig) -> tuple[Runtime, nnx.State]:
     return runtime, params
 
 
-def load_engine(cfg: XGenConfig) -> Engine:
-    """An Engine for `cfg.checkpoint` with `cfg.tokenizer`, on `cfg.hardware`."""
+def load_engine(cfg: XGenConfig, score_all_rows: bool | None = None) -> Engine:
+    """An Engine for `cfg.checkpoint` with `cfg.tokenizer`, on `cfg.hardware`; log-probs over
+    every output row if `score_all_rows` (None: as `eval.normalize_over_all_rows` says)."""
     runtime, params = load_params(cfg)
-    # Benchmarks score as the reference implementations do (over every output row) unless told.
-    all_rows = cfg.eval.normalize_over_all_rows if cfg.eval is not None else False
-    return Engine(runtime, params, Tokenizer.from_name(cfg.tokenizer.name), max_len=cfg.generate.max_len, score_all_rows=all_rows)
+    if score_all_rows is None:  # benchmarks score as the reference implementations do unless told
+        score_all_rows = cfg.eval.normalize_over_all_rows if cfg.eval is not None else False
+    tokenizer = Tokenizer.from_name(cfg.tokenizer.name)
+    return Engine(runtime, params, tokenizer, max_len=cfg.generate.max_len, score_all_rows=score_all_rows)

@@ -33,14 +33,18 @@ def next_tokens(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    logprob_logits: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [B, V] float32 -> (ids [B], their logprobs [B], top ids [B, 5], top logprobs [B, 5]).
 
     `step` (the index of the token being chosen) is one number or one per row: rows of a
     continuous batch are at different steps. Logprobs are the model's own distribution
     (before temperature and filtering), as OpenAI's API reports them. Sorting the
-    vocabulary is skipped when every row is greedy."""
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vocabulary is skipped when every row is greedy. `logprob_logits` (default: `logits`) are
+    the logits the reported logprobs normalize: the head's every row, where `logits` hide
+    the padding rows from the sampler (`Engine.score_all_rows`)."""
+    scored = logits if logprob_logits is None else logprob_logits
+    logprobs = jax.nn.log_softmax(scored.astype(jnp.float32), axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled():

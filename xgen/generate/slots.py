@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from xgen.generate.engine import Engine
-from xgen.generate.sampling import next_tokens
 from xgen.model.transformer import KVCache
 
 Sampled = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # ids, logprobs, top ids, top logprobs
@@ -69,7 +68,7 @@ class SlotCache:
         model = engine._model(params)
         layer_caches = [KVCache(k, v, allowed_cached, allowed_new) for k, v in caches]
         h, new_kv = model.decode(tokens[:, None], lengths[:, None], layer_caches)
-        return next_tokens(engine._logits(model, h[:, 0]), *sampling), new_kv
+        return engine._sample(model.logits(h[:, 0]), sampling), new_kv
 
     def _write_tokens_fn(self, caches, new_kv, lengths):
         rows = jnp.arange(self.rows)
@@ -91,7 +90,7 @@ class SlotCache:
         positions = starts[:, None] + jnp.arange(c)[None, :]
         h, new_kv = model.decode(tokens, positions, layer_caches)
         last = jnp.take_along_axis(h, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-        return next_tokens(engine._logits(model, last), *sampling), new_kv
+        return engine._sample(model.logits(last), sampling), new_kv
 
     def _write_pieces_fn(self, caches, new_kv, rows, starts, valid):
         """Store each valid piece at (its row, its start); an unused entry writes back what

@@ -243,11 +243,27 @@ def model_config(config: dict, name: str, where: str) -> ModelConfig:
     )
 
 
-def model_overrides(cfg: ModelConfig) -> list[str]:
-    """Command-line overrides that make `model` this config (to train from an import)."""
+def _architecture(cfg: ModelConfig) -> dict[str, str]:
+    """`model.<key>` -> its value as a command line writes it, for every key that shapes the
+    model's numbers (not its name or initialization)."""
     keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_positions",
             "rms_norm_eps", "rope_theta", "tie_embeddings")  # fmt: skip
     values = {k: getattr(cfg, k) for k in keys}
     values.update({f"rope_scaling.{k}": getattr(cfg.rope_scaling, k) for k in ("type", *ROPE_RULE_KEYS[cfg.rope_scaling.type])})
-    text = {k: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
-    return [f"model.{k}={v}" for k, v in text.items()]
+    return {f"model.{k}": "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
+
+
+def model_overrides(cfg: ModelConfig, shipped: dict[str, ModelConfig] | None = None) -> list[str]:
+    """Command-line overrides that make `model` this config (to train from an import): the
+    shipped model (`conf/model/<name>.yaml`, given as `shipped`) that differs in the fewest
+    keys, `model=<name>`, then those keys (none when the architecture is that model's);
+    without one closer than the command's default, every key."""
+    ours = _architecture(cfg)
+    best: tuple[str | None, list[str]] = (None, list(ours))
+    for name, other in sorted((shipped or {}).items()):
+        theirs = _architecture(other)
+        differ = [k for k, v in ours.items() if theirs.get(k) != v]
+        if len(differ) < len(best[1]):
+            best = (name, differ)
+    name, keys = best
+    return ([f"model={name}"] if name else []) + [f"{k}={ours[k]}" for k in keys]

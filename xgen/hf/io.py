@@ -35,6 +35,15 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # --- writing ----------------------------------------------------------------------------
 
 
+def ordinary_file_mode() -> int:
+    """The mode `open()` gives a new file here (0666 less the umask: 0644 by default), for
+    files a library writes privately (safetensors: 0600), which other users of a shared model
+    directory, or a server running as another user, could not read."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
     """Consecutive tensors, greedily, into shards of at most `max_shard_bytes` (float32);
     a tensor larger than that gets a shard of its own, as transformers does."""
@@ -73,6 +82,7 @@ def write_weights(
             assert got.shape == spec.shape and got.dtype == np.float32, (spec, got.shape, got.dtype)
             weight_map[spec.hf_name] = name
         safetensors.numpy.save_file(tensors, out_dir / name, metadata={"format": "pt"})
+        os.chmod(out_dir / name, ordinary_file_mode())  # safetensors (0.8) writes 0600
         del tensors
         paths.append(out_dir / name)
         log.info("wrote %s (%d tensors)", out_dir / name, len(shard))

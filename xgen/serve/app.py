@@ -305,7 +305,8 @@ class OpenAIApp:
     @guarded
     async def models(self, request: Request) -> Response:
         srv = self.srv
-        model = {"id": srv.model_name, "object": "model", "created": 0, "owned_by": "xgen", "max_model_len": srv.engine.max_len}
+        model = {"id": srv.model_name, "object": "model", "created": 0, "owned_by": "xgen", "max_model_len": srv.engine.max_len,
+                 "logprobs_normalized_over": srv.normalized_over, "logprobs_normalized_ids": srv.normalized_ids}  # fmt: skip
         return JSON({"object": "list", "data": [model]})
 
     @guarded
@@ -334,10 +335,10 @@ class OpenAIApp:
             if req.echo:  # scored over prompt + completion (see Row.sequence)
                 s = row.scored
                 tops = s.top_logprobs if k else [None] + [{}] * (len(s.tokens) - 1)
-                lp = logprobs_block(tok, s.tokens, s.token_logprobs, tops, k, 0)
+                lp = logprobs_block(tok, s.tokens, s.token_logprobs, tops, k, 0, self.srv.normalized_over)
             else:
                 tops = c.top_logprobs if k else [{}] * len(c.tokens)
-                lp = logprobs_block(tok, c.tokens, c.token_logprobs, tops, k, len(prompt_text))
+                lp = logprobs_block(tok, c.tokens, c.token_logprobs, tops, k, len(prompt_text), self.srv.normalized_over)
         finish = c.finish_reason if c else "length"
         return {"index": row.index, "text": text, "logprobs": lp, "finish_reason": finish}
 
@@ -358,7 +359,8 @@ class OpenAIApp:
     def _chat_choice(self, req: ChatRequest, row: Row) -> dict:
         c = row.completion
         message = {"role": "assistant", "content": c.text.removeprefix(" ")}  # the space after assistant_prefix
-        lp = chat_logprobs(self.srv.engine.tokenizer, c.tokens, c.token_logprobs, c.top_logprobs, req.top_logprobs)
+        srv = self.srv
+        lp = chat_logprobs(srv.engine.tokenizer, c.tokens, c.token_logprobs, c.top_logprobs, req.top_logprobs, srv.normalized_over)
         return {"index": row.index, "message": message, "logprobs": lp if req.logprobs else None, "finish_reason": c.finish_reason}
 
     # ---- streaming ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ LOGGERS = (
     "uvicorn", "uvicorn.error", "asyncio", "xgen.serve.app", "xgen.serve.server", "xgen.serve.limits",
     "xgen.serve.scheduling", "xgen.serve.continuous", "xgen.serve.batcher",
 )  # fmt: skip
+HTTP_LOGGER = "xgen.serve.http"  # the name uvicorn's own lines are logged under (see rename_uvicorn)
 SUMMARY = "xgen_repeat_summary"  # the attribute that marks a filter's own summary line
 MAX_KEYS = 4096  # distinct templates remembered; beyond this, finished intervals are forgotten
 
@@ -95,6 +96,32 @@ def _summarise(seen: _Seen, now: float) -> None:
         seen.level, "%d more lines like this one in the last %.0f s were not logged (serve.log_repeat_s): %s",
         seen.left_out, now - seen.since, seen.template[:300], extra={SUMMARY: True},
     )  # fmt: skip
+
+
+class _Rename(logging.Filter):
+    """Renames the records of the logger it filters (their level and text unchanged)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.new_name = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.name = self.new_name
+        return True
+
+
+_UVICORN_NAMES = _Rename(HTTP_LOGGER)
+
+
+def rename_uvicorn() -> None:
+    """uvicorn logs every line of its own, "Started server process" and "Shutting down"
+    included, as `uvicorn.error` (its name for whatever is not an access line), so a healthy
+    server's log read as errors. Its records come out as `xgen.serve.http` instead, at their
+    own level (once per process; before the rate limit's filter, which then counts them under
+    that name)."""
+    logger = logging.getLogger("uvicorn.error")
+    if _UVICORN_NAMES not in logger.filters:
+        logger.filters.insert(0, _UVICORN_NAMES)
 
 
 REPEATS = RepeatFilter()

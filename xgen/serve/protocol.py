@@ -335,7 +335,11 @@ def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
 
 
 def token_string(tokenizer: Tokenizer, token: int) -> str:
-    """One token's text as OpenAI shows it: its bytes, invalid UTF-8 replaced."""
+    """One token's text as OpenAI shows it: its bytes, invalid UTF-8 replaced. A row of the
+    output head past the tokenizer's ids (padding: never sampled, but a top alternative when
+    log-probs are normalized over every row) is `<|pad:ID|>`, so two of them stay apart."""
+    if not 0 <= token < tokenizer.n_tokens:
+        return f"<|pad:{token}|>"
     return token_bytes(tokenizer, token).decode("utf-8", errors="replace")
 
 
@@ -346,10 +350,12 @@ def logprobs_block(
     top: Sequence[dict[int, float] | None],
     k: int,
     offset: int,
+    normalized_over: str,
 ) -> dict:
     """OpenAI's legacy `logprobs` object. `text_offset[i]` is where token i starts in the
     choice's text (counting `offset` characters before the first token); a token that ends
-    inside a multi-byte character starts the next one at the same offset."""
+    inside a multi-byte character starts the next one at the same offset. `normalized_over`
+    (an extension: `output_rows` or `tokenizer_ids`) says which softmax the numbers are."""
     offsets, decoder = [], codecs.getincrementaldecoder("utf-8")(errors="ignore")
     for t in tokens:
         offsets.append(offset)
@@ -363,14 +369,17 @@ def logprobs_block(
         "token_logprobs": list(token_logprobs),
         "top_logprobs": tops,
         "text_offset": offsets,
+        "normalized_over": normalized_over,
     }
 
 
 def chat_logprobs(
-    tokenizer: Tokenizer, tokens: Sequence[int], token_logprobs: Sequence[float], top: Sequence[dict[int, float]], k: int
-) -> dict:
+    tokenizer: Tokenizer, tokens: Sequence[int], token_logprobs: Sequence[float], top: Sequence[dict[int, float]], k: int,
+    normalized_over: str,
+) -> dict:  # fmt: skip
     """OpenAI's chat `logprobs` object: per token its text, log-probability and UTF-8 bytes,
-    with the k most likely alternatives in the same shape."""
+    with the k most likely alternatives in the same shape; `normalized_over` as in
+    `logprobs_block`."""
 
     def entry(token: int, logprob: float) -> dict:
         return {"token": token_string(tokenizer, token), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token))}
@@ -379,7 +388,7 @@ def chat_logprobs(
     for i, (t, lp) in enumerate(zip(tokens, token_logprobs)):
         alternatives = list(top[i].items())[:k] if k and i < len(top) else []
         content.append(entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in alternatives]})
-    return {"content": content}
+    return {"content": content, "normalized_over": normalized_over}
 
 
 def sse(data: dict | str) -> bytes:

@@ -29,12 +29,13 @@ from xgen.config import ChatTemplateConfig, ConfigError, XGenConfig
 from xgen.generate import Engine
 from xgen.serve.app import OpenAIApp
 from xgen.serve.limits import ACCEPT_BATCH, Connection, Limits, connection_bound
-from xgen.serve.logs import REPEATS
+from xgen.serve.logs import REPEATS, rename_uvicorn
 from xgen.serve.protocol import Limits as RequestLimits
 from xgen.serve.scheduling import make_scheduler
 
 log = logging.getLogger(__name__)
 
+OUTPUT_ROWS, TOKENIZER_IDS = "output_rows", "tokenizer_ids"  # what log-probs are normalized over
 MAX_BODY_BYTES = 16 * 2**20
 BACKLOG = 2048  # connections the kernel queues before they are accepted (capped by net.core.somaxconn)
 STOP_TIMEOUT_S = 60.0  # after the grace: how long the scheduler's last batch may take before streams are cancelled
@@ -108,6 +109,14 @@ class XGenServer:
         self.default_max_tokens, self.max_body_bytes, self.shutdown_grace_s = default_max_tokens, max_body_bytes, shutdown_grace_s
         self.stream_buffer_chunks, self.log_repeat_s = stream_buffer_chunks, log_repeat_s
         self.limits = RequestLimits(engine.max_len, getattr(engine, "vocab_limit", engine.tokenizer.n_tokens))
+        # Which softmax every log-prob it returns is (the engine's choice), said in each
+        # response: over every row of the output head (51,200 for XGen; what eval=zeroshot and
+        # lm-eval's hf backend compute) or over the tokenizer's ids (50,313; the padding rows,
+        # which sampling never draws, left out).
+        all_rows = getattr(engine, "score_all_rows", False)
+        self.normalized_over = OUTPUT_ROWS if all_rows else TOKENIZER_IDS
+        rows = getattr(getattr(engine, "model_cfg", None), "vocab_size", self.limits.vocab)
+        self.normalized_ids = rows if all_rows else self.limits.vocab
         self.connection_limits = Limits(idle_timeout_s, read_timeout_s, stall_timeout_s, connection_bound(max_connections))
         self.socket = _listen(host, port)
         try:
@@ -145,6 +154,7 @@ class XGenServer:
     def start(self) -> "XGenServer":
         """Serve from a background thread (task=serve, tests, notebooks); `close()` stops it."""
         if self._thread is None:
+            rename_uvicorn()
             self._previous_log_repeat_s = REPEATS.install(self.log_repeat_s)
             self._thread = threading.Thread(target=self._serve, name="xgen-http", daemon=True)
             self._thread.start()

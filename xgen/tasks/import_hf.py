@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from xgen.config import ConfigError, XGenConfig
+from xgen.config import ConfigError, ModelConfig, XGenConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,5 +26,28 @@ def run(cfg: XGenConfig, run_dir: Path) -> Path:
 
     out = import_checkpoint(cfg.hf_path, cfg.out)
     model = model_config_from_meta(read_meta(out)["config"]["model"], f"out={out}")
-    log.info("train from it: python -m xgen.run trainer.init_from=%s %s", out, " ".join(model_overrides(model)))
+    log.info("train from it: python -m xgen.run trainer.init_from=%s %s", out, " ".join(model_overrides(model, shipped_models())))
     return out
+
+
+def shipped_models() -> dict[str, ModelConfig]:
+    """conf/model's options, each as `model=<name>` composes it (includes resolved), so the
+    suggestion after an import names the shipped model it is (`model=tiny`) rather than
+    spelling out a dozen `model.*` keys. Inside `python -m xgen.run` Hydra is initialized
+    already; elsewhere (a test calling the task) the packaged conf/ is used."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from xgen.config import register_configs, to_object
+    from xgen.config.snapshots import conf_dir
+
+    names = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+    def composed() -> dict[str, ModelConfig]:
+        return {name: to_object(compose("config", overrides=[f"model={name}"])).model for name in names}
+
+    if GlobalHydra.instance().is_initialized():
+        return composed()
+    register_configs()
+    with initialize_config_module(config_module="xgen.conf", version_base="1.3"):
+        return composed()

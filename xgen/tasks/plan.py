@@ -6,7 +6,10 @@ compiled program and FLOPs are counted in its program. For other hardware the fi
 analytic estimates (parameters and optimizer state per shard; 6N + attention FLOPs).
 Writes plan.json and prints a table. FLOPs are counted in the step's program
 (`xgen.train.counted_flops`: XLA's own cost analysis, kept as `flops_per_step_xla`, counts a
-loop's body once, so it undercounts scanned layers and chunked attention).
+loop's body once, so it undercounts scanned layers and chunked attention). A step that does
+not fit is compiled again with the execution presets of `plan.presets` until one fits, which
+the plan names as an override to paste (xgen/tasks/plan_advice.py). Each compile logs a line
+every 10 s (a 7B step for a pod compiles for minutes); libtpu's start-up lines go to run.log.
 """
 
 from __future__ import annotations
@@ -25,34 +28,68 @@ from xgen.config import XGenConfig
 log = logging.getLogger(__name__)
 
 
-def _advice(plan: dict, cfg: XGenConfig) -> str:
-    if plan["fits"]:
-        return "fits"
-    tips = []
-    if cfg.execution.remat == "none":
-        tips.append("execution.remat=full")
-    if cfg.hardware.platform == "tpu" and cfg.execution.attention != "splash":
-        tips.append("execution.attention=splash")
-    elif cfg.execution.attention in ("dense", "xla"):
-        tips.append("execution.attention=block_causal")
-    if cfg.trainer.grad_accum_steps == 1:
-        tips.append("trainer.grad_accum_steps=4")
-    if cfg.optimizer.mu_dtype == "float32":
-        tips.append("optimizer.mu_dtype=bfloat16")
-    return "does not fit: try " + (", ".join(tips) if tips else "more chips (hardware=...) or a smaller stage.batch_tokens")
+def _compile_train(cfg: XGenConfig, run_dir: Path, devices: list, label: str = "") -> dict:
+    """The train step of `cfg` compiled for the slice's devices: its per-chip memory, or, when
+    XLA refuses it for HBM, the temporaries its refusal states (`compiled` is then None)."""
+    from xgen.console import heartbeat
+    from xgen.runtime import Runtime
+    from xgen.train.trainer import Trainer, step_memory_bytes
+
+    runtime = Runtime.of(cfg, devices=devices)
+    trainer = Trainer(cfg, run_dir, runtime)
+    out = {"runtime": runtime, "trainer": trainer, "compiled": None, "compile_s": None}
+    with heartbeat(f"compiling the train step for {cfg.hardware.name}{label}"):
+        started = time.perf_counter()
+        try:
+            out["compiled"] = trainer.compile_step()
+        except Exception as ex:  # noqa: BLE001 - XLA refuses programs that cannot fit in HBM
+            needed = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)G\)", str(ex))
+            if needed is None:
+                raise
+            out["hbm"] = int(float(needed.group(1)) * 2**30)
+            return out
+    out["compile_s"] = time.perf_counter() - started
+    out["hbm"] = step_memory_bytes(out["compiled"])
+    return out
+
+
+def _try_presets(cfg: XGenConfig, run_dir: Path, devices: list) -> list[dict]:
+    """Compile the step with each preset `plan_advice.presets_to_try` names, in order, until
+    one fits. A preset that does not compile for this slice is reported with its error's
+    first line (its traceback in run.log), and the next is tried."""
+    from xgen.console import FILE_ONLY
+    from xgen.tasks.plan_advice import command_overrides, presets_to_try, with_preset
+
+    capacity, overrides, tried = cfg.hardware.memory_per_chip_bytes, command_overrides(), []
+    for preset in presets_to_try(cfg):
+        entry: dict = {"execution": preset, "hbm_per_chip_bytes": None, "compile_s": None, "fits": False, "error": None}
+        tried.append(entry)
+        try:
+            result = _compile_train(with_preset(cfg, preset, overrides), run_dir, devices, f" with execution={preset}")
+        except Exception as ex:  # noqa: BLE001 - one preset's failure is reported in its row, not fatal
+            logging.getLogger(FILE_ONLY).warning("execution=%s did not compile", preset, exc_info=True)
+            entry["error"] = (str(ex).strip().splitlines() or [type(ex).__name__])[0]
+            continue
+        entry["hbm_per_chip_bytes"], entry["compile_s"] = result["hbm"], result["compile_s"]
+        entry["fits"] = result["compiled"] is not None and (capacity is None or result["hbm"] <= capacity)
+        if entry["fits"]:
+            break
+    return tried
 
 
 def _generate_plan(cfg: XGenConfig, runtime) -> dict:
     """One decoding step of `serve.max_batch` rows over a full KV cache (`generate.max_len`, or
     the model's positions), compiled for the slice by the same Engine that serves: per-chip
     memory of the sharded parameters, caches and temporaries."""
+    from xgen.console import heartbeat
     from xgen.generate.engine import Engine
     from xgen.tokenizer import Tokenizer
     from xgen.train.trainer import step_memory_bytes
 
     engine = Engine(runtime, runtime.abstract_params, Tokenizer.from_name(cfg.tokenizer.name), max_len=cfg.generate.max_len)
     batch, slots = cfg.serve.max_batch, engine.max_len
-    compiled = engine.compile_decode(batch, slots)
+    with heartbeat(f"compiling the decode step for {cfg.hardware.name} (plan.generate=false skips it)"):
+        compiled = engine.compile_decode(batch, slots)
     return {
         "batch": -(-batch // engine.row_multiple) * engine.row_multiple,
         "slots": slots,
@@ -62,16 +99,22 @@ def _generate_plan(cfg: XGenConfig, runtime) -> dict:
 
 
 def run(cfg: XGenConfig, run_dir: Path) -> dict:
-    # Planning only compiles; it never claims TPU chips, so it may load libtpu beside another
-    # process that holds libtpu's lock (a training run, a test session).
+    from xgen.tasks.plan_advice import advise, check_presets, command_overrides, tried_row
+
+    check_presets(cfg)
+    # Planning only compiles: the slice's devices come from libtpu's topology API, which needs
+    # no TPU backend. Starting one would look for chips: off a TPU VM, "No jellyfish device
+    # found" on the console; on one, chips that a training run may hold (and libtpu's lock,
+    # which ALLOW_MULTIPLE_LIBTPU_LOAD lets the topology API load beside).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if cfg.hardware.tpu_topology:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
     from xgen.model import count_params
     from xgen.parallel import topology_devices
-    from xgen.runtime import Runtime
     from xgen.train.throughput import attention_square_flops, flops_per_token
-    from xgen.train.trainer import Trainer, step_memory_bytes
+    from xgen.xla_logs import native_stderr_to_run_log
 
     hw, stage = cfg.hardware, cfg.stage
     params = count_params(cfg.model)
@@ -83,24 +126,21 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     )
     # XLA's cost analysis cannot see into a Pallas kernel: splash's work is added analytically.
     opaque_attention = attention_full - attention_masked if cfg.execution.attention == "splash" else 0.0
-    compiled_ok, compile_s, bytes_per_chip, xla_flops = False, None, None, None
+    compiled_ok, compile_s, bytes_per_chip, xla_flops, tried = False, None, None, None, []
+    capacity = hw.memory_per_chip_bytes
     if hw.tpu_topology:
-        runtime = Runtime.of(cfg, devices=topology_devices(hw))  # one runtime: train and generate steps
-        trainer = Trainer(cfg, run_dir, runtime)
+        # libtpu's start-up complaints off a TPU VM (xgen/xla_logs.py) go to run.log.
+        with native_stderr_to_run_log("libtpu", run_dir / "libtpu.stderr"):
+            devices = topology_devices(hw)
+        step = _compile_train(cfg, run_dir, devices)  # one runtime: train and generate steps
+        runtime, trainer, compiled = step["runtime"], step["trainer"], step["compiled"]
+        hbm, compile_s = step["hbm"], step["compile_s"]
         method = f"compiled for {hw.tpu_topology} ({hw.device_kind}) by XLA"
-        try:
-            started = time.perf_counter()
-            compiled = trainer.compile_step()
-            compile_s = time.perf_counter() - started
-        except Exception as ex:  # noqa: BLE001 - XLA refuses programs that cannot fit in HBM
-            needed = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)G\)", str(ex))
-            if needed is None:
-                raise
-            hbm, flops = int(float(needed.group(1)) * 2**30), flops_model
+        if compiled is None:
+            flops = flops_model
             method += ", which refused it: the HBM figure is its temporaries alone, FLOPs analytic"
         else:
             compiled_ok = True
-            hbm = step_memory_bytes(compiled)
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             xla_flops = float(cost["flops"]) * n_chips  # the cost analysis is of one device's program
@@ -109,12 +149,13 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
             flops = trainer.step_flops() + opaque_attention
             if opaque_attention:
                 method += " (splash's Pallas kernels, opaque to FLOP counting, added analytically)"
+        if not (compiled_ok and (capacity is None or hbm <= capacity)):
+            tried = _try_presets(cfg, run_dir, devices)
     else:
         shards = n_chips  # parameters, gradients and Adam moments, fully sharded (fsdp)
         hbm = int(params * 4 * 4 / shards)
         flops = flops_model
         method = "analytic estimate (no compiler target for this hardware)"
-    capacity = hw.memory_per_chip_bytes
     peak = hw.peak_flops_per_chip
     step_s = flops / (peak * n_chips * cfg.plan.mfu) if peak else None
     plan = {
@@ -127,7 +168,7 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         "batch_tokens": stage.batch_tokens,
         "hbm_per_chip_bytes": hbm,
         "hbm_capacity_bytes": capacity,
-        "fits": capacity is None or hbm <= capacity,
+        "fits": (compiled_ok or not hw.tpu_topology) and (capacity is None or hbm <= capacity),
         "flops_per_step": flops,
         "flops_per_step_6n": flops_6n,
         "flops_per_step_model": flops_model,
@@ -143,7 +184,9 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
     }
     state = jax.tree.leaves(trainer.abstract_state) if hw.tpu_topology else None
     plan["recovery"] = _recovery(cfg, params, state, step_s, compile_s)
-    plan["verdict"] = _advice(plan, cfg)
+    plan["presets_tried"] = tried
+    advice = advise(cfg, plan["fits"], tried, command_overrides())
+    plan["verdict"], plan["advice"] = advice.pop("verdict"), advice
     if hw.tpu_topology and cfg.plan.generate:
         plan["generate"] = _generate_plan(cfg, runtime)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
@@ -153,7 +196,10 @@ def run(cfg: XGenConfig, run_dir: Path) -> dict:
         ("stage", f"{stage.name}: {stage.batch_tokens // stage.seq_len} x {stage.seq_len} tokens per step"),
         ("hardware", f"{hw.name}: {n_chips} x {hw.device_kind}, mesh {dict(hw.mesh.__dict__)}"),
         ("method", method),
-        ("HBM per chip", f"{gib(hbm)} of {gib(capacity)}: {plan['verdict']}"),
+        ("HBM per chip", f"{gib(hbm)} of {gib(capacity)}: {'fits' if plan['fits'] else 'does not fit'}"),
+        *(("preset tried", f"execution={t['execution']}: {tried_row(t, capacity)}") for t in tried),
+        *((("advice", plan["verdict"].removeprefix("does not fit: ")),) if not plan["fits"] else ()),
+        *((("command", advice["command"]),) if advice["command"] else ()),
         ("FLOPs per step", f"{flops:.3e} ({'counted in the step' if compiled_ok else '6N + attention'}) vs {flops_6n:.3e} (6N)"),
         ("masked attention", f"{attention_masked:.3e} FLOPs above the diagonal ({attention_masked / flops:.1%} of this step, "
                              f"remat {'included' if cfg.execution.remat != 'none' else 'none'}): what causal kernels skip"),  # fmt: skip

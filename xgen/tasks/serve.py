@@ -45,7 +45,10 @@ def run(cfg: XGenConfig, run_dir: Path, stop: threading.Event | None = None) -> 
     from xgen.generate.load import load_engine
     from xgen.serve import make_server
 
-    server = make_server(load_engine(cfg), cfg)
+    # Log-probs over every row of the output head, as eval=zeroshot (its default) and
+    # lm-evaluation-harness's hf backend compute them: lm-eval's local-completions against
+    # this server then gives eval=zeroshot's log-likelihoods (tests/serve/test_lm_eval_through_server.py).
+    server = make_server(load_engine(cfg, score_all_rows=True), cfg)
     engine = server.engine
     stop = stop or threading.Event()
     previous = {}
@@ -53,7 +56,8 @@ def run(cfg: XGenConfig, run_dir: Path, stop: threading.Event | None = None) -> 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     server.start()
-    log.info("serving %s (max_len %d) at %s/v1 (Ctrl-C to stop)", s.model_name, engine.max_len, server.url)
+    log.info("serving %s (max_len %d; log-probs over %s: %d ids) at %s/v1 (Ctrl-C to stop)",
+             s.model_name, engine.max_len, server.normalized_over, server.normalized_ids, server.url)  # fmt: skip
     try:
         while not stop.wait(0.5):
             pass

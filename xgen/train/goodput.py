@@ -11,6 +11,7 @@ also loses time outside them, and that is what this accounts for. Each attempt's
 - `productive`: the step loop, less the three below;
 - `data_wait`: the loop blocked on the next batch;
 - `checkpoint`: the loop blocked on saving (the asynchronous part overlaps steps and is not counted);
+- `eval`: the held-out loss and benchmarks run in the loop (`trainer.eval_every`, `eval_tasks_every`);
 - `lost`: steps trained by an earlier attempt after the checkpoint the run resumed from,
   which the next attempt trains again (moved out of that attempt's `productive`);
 - `other`: anything else inside an attempt (the summary, logging's own time);
@@ -34,7 +35,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CATEGORIES = ("startup", "compile", "restore", "productive", "data_wait", "checkpoint", "lost", "other", "idle")
+CATEGORIES = ("startup", "compile", "restore", "productive", "data_wait", "checkpoint", "eval", "lost", "other", "idle")
 
 
 def process_start_time() -> float:
@@ -85,7 +86,7 @@ class Goodput:
         """`seconds` of the current interval were spent on `category` (not to be counted again
         by the next `since_mark`)."""
         seconds = max(seconds, 0.0)
-        self.current["seconds"][category] += seconds
+        self.current["seconds"][category] = self.current["seconds"].get(category, 0.0) + seconds  # an older record lacks `eval`
         self.inside += seconds
 
     @contextlib.contextmanager

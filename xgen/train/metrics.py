@@ -1,8 +1,8 @@
-"""Step metrics (clu.metrics) and where they go: metrics.jsonl, the console, TensorBoard.
+"""Step metrics (clu.metrics) and where they go: metrics.jsonl, eval.jsonl, the console, trackers.
 
 `clu.metric_writers` would bring TensorFlow (over 1 GB) into every install, so xgen writes
-its own JSON Lines file (the record a run is judged by) and, when `trainer.tensorboard`
-is on, TensorBoard event files through the small `tensorboardX` package (extra `tensorboard`).
+its own JSON Lines files (the record a run is judged by) and mirrors their scalars to the
+trackers the `tracker` group selects (TensorBoard, W&B: xgen/train/trackers.py).
 """
 
 # No `from __future__ import annotations`: clu reads the metric classes from the annotations.
@@ -16,7 +16,8 @@ from typing import Any
 from clu import metrics as clu_metrics
 from flax import struct
 
-from xgen.config import ConfigError
+from xgen.config.schema import TrackerConfig
+from xgen.train.trackers import Tracker, open_trackers, run_config
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +33,65 @@ class TrainMetrics(clu_metrics.Collection):
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl and one per spike, non-finite
-    step or rollback to events.jsonl; optionally mirrors scalars to TensorBoard.
+    """Appends one JSON object per logged step to metrics.jsonl, one per evaluation to
+    eval.jsonl, and one per spike, non-finite step or rollback to events.jsonl; mirrors the
+    scalars to the trackers (`train/<key>`, `eval/<key>`).
 
     On resume from step N, records of later steps (logged after that checkpoint, before the
-    interruption) are dropped, so each step appears once and the file matches the run."""
+    interruption) are dropped, so each step appears once and the files match the run."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0, primary: bool = True):
-        """Only the primary process (process 0 of a multi-host job) writes; others are no-ops."""
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        trackers: TrackerConfig | None = None,
+        config: Any = None,
+        resume_step: int = 0,
+        primary: bool = True,
+    ):
+        """Only the primary process (process 0 of a multi-host job) writes; others are no-ops.
+        `config` (the run's resolved config) is what the trackers record about the run, with
+        provenance.json; a tracker that cannot start is a ConfigError."""
         self.path = run_dir / "metrics.jsonl"
         self.events_path = run_dir / "events.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
         self.primary = primary
-        self._tb = None
+        self._trackers: list[Tracker] = []
         if not primary:
             return
         self.path.touch()
         self._file = self.path.open("a", encoding="utf-8")
         self.truncate(resume_step, events=True)
-        if tensorboard:
+        if trackers is not None and (trackers.tensorboard is not None or trackers.wandb is not None):
             try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise ConfigError("trainer.tensorboard=true needs tensorboardX: pip install 'xgen[tensorboard]'")
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self._trackers = open_trackers(trackers, run_dir, run_config(config, run_dir), resume_step)
+            except BaseException:
+                self._file.close()
+                raise
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.primary:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+        self._mirror("train", record)
+
+    def write_eval(self, record: dict[str, Any]) -> None:
+        """One evaluation at `record["step"]`: {"step": N, "heldout/loss": ..., "heldout/<source>/loss": ...,
+        "<benchmark>/<task>/<metric>": ...}, appended to eval.jsonl (cut back on resume and
+        rollback like metrics.jsonl) and sent to the trackers as `eval/<key>`."""
+        if not self.primary:
+            return
+        with self.eval_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self._mirror("eval", record)
+
+    def _mirror(self, prefix: str, record: dict[str, Any]) -> None:
+        """The record's numbers (not None, not the step) to every tracker at its step."""
+        scalars = {f"{prefix}/{key}": value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
+        if scalars:
+            for tracker in self._trackers:
+                tracker.log(scalars, int(record["step"]))
 
     def truncate(self, step: int, events: bool = False) -> None:
         """Drop records after `step`, and with `events` events too (a resume returns there and
@@ -74,9 +101,13 @@ class MetricsLog:
             return
         self._file.close()
         _keep_until(self.path, step)
+        if self.eval_path.exists():
+            _keep_until(self.eval_path, step)
         if events and self.events_path.exists():
             _keep_until(self.events_path, step)
         self._file = self.path.open("a", encoding="utf-8")
+        for tracker in self._trackers:
+            tracker.rewind(step)
 
     def event(self, record: dict[str, Any]) -> None:
         if not self.primary:
@@ -88,8 +119,8 @@ class MetricsLog:
         if not self.primary:
             return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def _keep_until(path: Path, step: int) -> None:

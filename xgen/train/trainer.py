@@ -25,14 +25,17 @@ from flax import nnx
 from xgen import checkpoint
 from xgen.config import ConfigError, StorageError, XGenConfig
 from xgen.config.validate import mesh_shape
+from xgen.console import heartbeat
 from xgen.data.batches import Batches, BatchSource
 from xgen.runtime import Runtime
 from xgen.train.cadence import SaveCadence
 from xgen.train.counted_flops import step_flops
+from xgen.train.evaluation import HeldoutLoss
 from xgen.train.goodput import Goodput, summary_line
 from xgen.train.metrics import MetricsLog, SequenceTrace, TrainMetrics, progress_line
 from xgen.train.optimizer import continue_schedule, lr_schedule, make_optimizer, mark_reset
 from xgen.train.preemption import StopRequest
+from xgen.train.profiling import Profiler
 from xgen.train.resume import check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
 from xgen.train.throughput import flops_per_token
@@ -63,12 +66,6 @@ def stage_steps(cfg: XGenConfig) -> int:
 def first_step(cfg: XGenConfig, run_dir: Path) -> int:
     """The step this stage starts at: 0, or the step of the checkpoint it starts from."""
     if cfg.trainer.init_from is None:
-        if cfg.stage.init_from_stage:
-            log.warning(
-                "stage %s starts from stage %s in the report; set trainer.init_from=<its run dir> "
-                "(task=pretrain_all does) to continue it; starting from scratch",
-                cfg.stage.name, cfg.stage.init_from_stage,
-            )  # fmt: skip
         return 0
     step = checkpoint.latest_step(checkpoint.checkpoints_dir(cfg.trainer.init_from))
     if step is None:
@@ -104,6 +101,8 @@ class _LoopParts:
     goodput: Goodput
     watchdog: Watchdog
     trace: "SequenceTrace"
+    evaluators: list
+    profiler: "Profiler"
 
 
 class Trainer:
@@ -214,9 +213,11 @@ class Trainer:
         metrics_log.event({"event": "schedule_extended", "step": step, "from_total": before[-1][1], "to_total": self.steps,
                            "learning_rate": now, "end_learning_rate": end})  # fmt: skip
 
-    def fit(self, data: BatchSource) -> dict:
+    def fit(self, data: BatchSource, evaluators: tuple = ()) -> dict:
         """Train to `self.steps` on `data` (element i: this host's batch of step i + 1),
-        resuming from the newest checkpoint; returns the run summary.
+        resuming from the newest checkpoint; returns the run summary. `evaluators` run in
+        the loop (`xgen.train.evaluation`); with `trainer.eval_every`, the held-out loss of
+        `data`'s held-out documents is one of them.
 
         SIGTERM (a preempted TPU VM, a SLURM time limit) ends the run after the current
         step with a checkpoint, exit code 143; running the command again resumes. Whatever
@@ -244,9 +245,11 @@ class Trainer:
             check_resume(newest_meta.get("config", {}), self.cfg, f"{self.run_dir} at step {done}")
         self._use_schedule(self._schedule_for(newest_meta, done or 0))
         goodput.since_mark("startup")
-        compiled = self.compile_step(data.dataset[0])
+        with heartbeat("compiling the train step"):
+            compiled = self.compile_step(data.dataset[0])
         log.info("compiled the train step in %.1f s", time.perf_counter() - t_start)
         self._check_memory(compiled)
+        evaluators = [*self._heldout_evaluator(data), *evaluators]
         goodput.since_mark("compile")
         with contextlib.ExitStack() as cleanup:
             mngr = checkpoint.open_manager(
@@ -269,7 +272,7 @@ class Trainer:
                     compiled = self.compile_step(data.dataset[0])
             goodput.since_mark("restore" if meta is not None or cfg.trainer.init_from else "startup")  # a fresh init is start-up
             goodput.resumed(start)
-            metrics_log = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard, resume_step=start, primary=primary)
+            metrics_log = MetricsLog(self.run_dir, trackers=cfg.tracker, config=cfg, resume_step=start, primary=primary)
             cleanup.callback(metrics_log.close)
             trace = SequenceTrace(self.run_dir, jax.process_index(), resume_step=start)
             cleanup.callback(trace.close)
@@ -285,7 +288,9 @@ class Trainer:
                     self._save(mngr, state, batches, metrics_log)
             stop = StopRequest()
             cleanup.callback(stop.restore)
-            loop = _LoopParts(data, batches, mngr, metrics_log, stop, goodput, watchdog, trace)
+            profiler = Profiler(cfg.trainer.profile_steps, self.run_dir / "profile")
+            cleanup.callback(profiler.close)
+            loop = _LoopParts(data, batches, mngr, metrics_log, stop, goodput, watchdog, trace, evaluators, profiler)
             train_t0 = time.perf_counter()
             step, last, stopped = self._loop(compiled, state, start, train_t0, loop)
             with goodput.timing("checkpoint"), self._writing(step):
@@ -330,7 +335,7 @@ class Trainer:
                 "or more, or start a new run directory (hydra.run.dir=...)"
             )
         if self._pending_events:
-            metrics_log = MetricsLog(self.run_dir, tensorboard=False, resume_step=step, primary=jax.process_index() == 0)
+            metrics_log = MetricsLog(self.run_dir, resume_step=step, primary=jax.process_index() == 0)
             self._flush_events(metrics_log)
             metrics_log.close()
         return step
@@ -351,6 +356,7 @@ class Trainer:
         parts.watchdog.beat(step)
         goodput.since_mark("other")
         while step < self.steps:
+            parts.profiler.before(step + 1)
             t0 = time.time()
             local = next(batches)
             goodput.add("data_wait", time.time() - t0)
@@ -391,11 +397,53 @@ class Trainer:
             elif logging_now:
                 goodput.since_mark("productive")
                 goodput.write(step)
+            parts.profiler.after(step, state)
+            if not stopping:
+                self._evaluate(state, step, parts)
             parts.watchdog.beat(step)
             if stopping:
                 return step, last, step < self.steps
         goodput.since_mark("productive")
         return step, last, False
+
+    def _heldout_evaluator(self, data: BatchSource) -> list:
+        """The held-out loss, when `trainer.eval_every` asks for it (compiled now, with the step)."""
+        every = self.cfg.trainer.eval_every
+        if not every:
+            return []
+        if not hasattr(data, "heldout_batches"):
+            raise ConfigError("trainer.eval_every: this task's data has no held-out documents (pre-training's data_mix has)")
+        batches = data.heldout_batches(self.cfg.trainer.eval_batches, jax.process_index(), jax.process_count())
+        if not batches:
+            raise ConfigError(
+                f"trainer.eval_every={every}: no source holds out one sequence of {self.cfg.stage.seq_len} tokens at "
+                f"data_mix.heldout_share={self.cfg.data_mix.heldout_share}; raise it (data_mix.json counts each source's)"
+            )
+        missing = [n for n in self.cfg.data_mix.sources if n not in batches]
+        if missing:
+            log.warning("held-out loss: %s hold(s) out no sequence at data_mix.heldout_share=%s; not evaluated",
+                        ", ".join(missing), self.cfg.data_mix.heldout_share)  # fmt: skip
+        with heartbeat("compiling the held-out loss"):
+            evaluator = HeldoutLoss(every, batches, self)
+        log.info("held-out loss every %d steps over %s tokens: %s", every, f"{sum(evaluator.tokens.values()):,}",
+                 ", ".join(f"{n} {t:,}" for n, t in evaluator.tokens.items()))  # fmt: skip
+        return [evaluator]
+
+    def _evaluate(self, state: TrainState, step: int, parts: "_LoopParts") -> None:
+        """The evaluators due at `step` (every `every` steps, and at the last step), on the
+        parameters in memory; their numbers go to eval.jsonl and the trackers."""
+        due = [e for e in parts.evaluators if e.every and (step % e.every == 0 or step == self.steps)]
+        if not due:
+            return
+        record: dict = {"step": step}
+        with parts.goodput.timing("eval"), parts.watchdog.paused_for():  # the first call compiles
+            for evaluator in due:
+                t0 = time.perf_counter()
+                record.update(evaluator(state.params, step))
+                record[f"{evaluator.name}_s"] = round(time.perf_counter() - t0, 3)
+        parts.metrics_log.write_eval(record)
+        shown = [f"{k} {v:.4f}" for k, v in record.items() if k != "step" and not k.endswith(("_s", "_stderr"))]
+        log.info("eval at step %d: %s", step, " | ".join(shown))
 
     def _save(self, mngr, state: TrainState, batches: Batches, metrics_log: MetricsLog) -> None:
         """A checkpoint of a finite state; a non-finite one is never saved (so retention cannot
