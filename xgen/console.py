@@ -53,7 +53,7 @@ def exit_now(code: int) -> None:
 
 class heartbeat:
     """`with heartbeat("compiling the train step"):` logs "compiling the train step: 10 s ..."
-    after `every_s` seconds, then at doubling intervals up to a minute (10, 20, 40, 80, 140 s,
+    after `every_s` seconds, then after waits doubling up to a minute (at about 10, 30, 70, 130, 190 s,
     ...) until the block ends, so that a compile of minutes (a 7B step for a TPU pod, the
     first step on a loaded host) is never a silent console, nor a wall of lines. Nothing is
     logged for a block shorter than `every_s`."""

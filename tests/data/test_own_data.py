@@ -107,6 +107,12 @@ def test_own_jsonl_files_train_in_one_line_prepared_on_first_use_and_reused_by_t
     assert "prepare files: 3 files, 2 already prepared; 1 units to run" in caplog.text
     assert totals["files"]["files"] == 3 and totals["files"]["documents"] > t["documents"]
 
+    # run2's checkpoint was trained on the two files' documents: going on over the three
+    # files' (the same config) would continue it on another data order, and is refused.
+    longer = compose_config(*one_line, "trainer.steps=2", "trainer.allow_changes=[trainer.steps]")
+    with pytest.raises(ConfigError, match="the documents of data_mix source.s. files are not those the checkpoint was trained on"):
+        run_task(longer, tmp_path / "run2")
+
 
 def test_a_saved_hugging_face_dataset_folder_trains_in_one_line(hf_dataset, tmp_path):
     cfg = compose_config(
@@ -206,3 +212,25 @@ def test_paths_or_a_text_field_given_to_a_mix_that_does_not_read_them_are_refuse
         validate(compose_config("data_mix=synthetic", "stage=s1_2k", "task=prepare", "data_mix.text_field=body"))
     with pytest.raises(ConfigError, match=r"data_mix=files: no files to read .*name them: data_mix.paths='\[my/\*.jsonl.gz\]'"):
         validate(compose_config("data_mix=files"))
+
+
+def test_a_folder_of_split_files_reads_its_train_split_and_refuses_a_test_split_beside_unsplit_files(tmp_path):
+    from xgen.config import ConfigError
+    from xgen.data.inputs import folder_files
+
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        (splits / name).write_text('{"text": "x"}\n')
+    assert folder_files(str(splits)) == [f"{splits}/train.jsonl"]
+    nested = tmp_path / "nested"
+    for split in ("train", "test"):
+        (nested / split).mkdir(parents=True)
+        (nested / split / "part-0.jsonl").write_text('{"text": "x"}\n')
+    assert folder_files(str(nested)) == [f"{nested}/train/part-0.jsonl"]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("data.jsonl", "test.jsonl"):
+        (mixed / name).write_text('{"text": "x"}\n')
+    with pytest.raises(ConfigError, match=r"holds split files \(test.jsonl\) beside files of no split"):
+        folder_files(str(mixed))

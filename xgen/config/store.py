@@ -79,19 +79,34 @@ def closest_key(path: str) -> str | None:
     return None
 
 
-def compose_eval(name: str, overrides: list[str]):
-    """The `eval/<name>` config as this command would compose it with `eval=<name>` (and the
-    command's own `overrides`, e.g. data_dir): what `trainer.eval_tasks` runs in the loop.
-    Inside `python -m xgen.run` Hydra is initialized already; elsewhere (a test calling a
-    task) the packaged conf/ is used."""
-    from hydra import compose, initialize_config_module
+def compose(overrides_list: list[list[str]]) -> list[XGenConfig]:
+    """The typed config of each list of overrides, composed as `python -m xgen.run` composes
+    it: for what a command needs of another config (an `eval/` file for the loop, an
+    execution preset for the plan, the shipped models after an import). Inside
+    `python -m xgen.run` Hydra is initialized already; elsewhere (a test calling a task)
+    the packaged conf/ is used."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [f"eval={name}", *overrides]
+    def each() -> list[XGenConfig]:
+        return [to_object(hydra_compose("config", overrides=list(o))) for o in overrides_list]
+
     if GlobalHydra.instance().is_initialized():
-        cfg = compose("config", overrides=overrides)
-    else:
-        register_configs()
-        with initialize_config_module(config_module="xgen.conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    return to_object(cfg).eval
+        return each()
+    register_configs()
+    with initialize_config_module(config_module="xgen.conf", version_base="1.3"):
+        return each()
+
+
+def shipped(group: str) -> list[str]:
+    """The options of a config group as `python -m xgen.run` finds them (`pkg://xgen.conf`)."""
+    from xgen.config.snapshots import conf_dir
+
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def compose_eval(name: str, overrides: list[str]):
+    """The `eval/<name>` config as this command would compose it with `eval=<name>` (and the
+    command's own `overrides`, e.g. data_dir): what `trainer.eval_tasks` runs in the loop."""
+    return compose([[f"eval={name}", *overrides]])[0].eval

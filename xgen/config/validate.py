@@ -187,6 +187,10 @@ def validate(cfg: XGenConfig) -> None:
     checks.append((not unknown, f"trainer.eval_tasks: {', '.join(map(str, unknown))} cannot run in the loop; "
                                 f"the log-likelihood benchmarks can: {', '.join(IN_LOOP_BENCHMARKS)}"))  # fmt: skip
     checks.append((not t.eval_tasks_every or bool(t.eval_tasks), "trainer.eval_tasks_every is set but trainer.eval_tasks is empty"))
+    if cfg.task.name == "sft":  # SFT evaluates its own held-out conversations (sft.heldout)
+        for key, value in (("trainer.eval_every", t.eval_every), ("trainer.eval_tasks_every", t.eval_tasks_every)):
+            checks.append((not value, f"{key}={value}: evaluation in the loop is pre-training's (task=pretrain); "
+                                      f"task={cfg.task.name} does not run it"))  # fmt: skip
     checks += _own_data_checks(cfg)
     if t.init_from is not None and cfg.task.name in TRAINING_TASKS:
         checks.append((Path(t.init_from).exists(), f"trainer.init_from={t.init_from}: no such directory"))

@@ -90,8 +90,9 @@ def folder_files(folder: str) -> list[str]:
     the Arrow files its `state.json` lists; a `DatasetDict` (`dataset_dict.json`): its train
     split's, since training on every split would train on the test set; any other folder: the
     data files below it (by name: JSON Lines, JSON, Parquet, Arrow, text, under any
-    compression), the others logged as left out, and of files named as the Hub names a split's
-    shards (`train-00000-of-00002.parquet`), only the train split's."""
+    compression), the others logged as left out, and of files of several splits (the Hub's
+    shard names, `train-00000-of-00002.parquet`; `test.jsonl`; a `validation/` folder) only
+    the train split's; split files beside files of no split are refused (which to read?)."""
     folder = folder.rstrip("/") or "/"
     fs, root = fsspec.core.url_to_fs(folder)
 
@@ -121,16 +122,37 @@ def folder_files(folder: str) -> list[str]:
     if len(kept) < len(below):
         left = [p[len(folder) :].lstrip("/") for p in below if p not in set(kept)]
         log.info("%s: %d files that are not data left out (%s%s)", folder, len(left), ", ".join(left[:3]), ", ..." if len(left) > 3 else "")
-    splits = {m.group("split") if m else None for m in (_HUB_SHARD.match(os.path.basename(p)) for p in kept)}
-    if len(splits) > 1 and None not in splits:
-        if "train" not in splits:
+    labels = {p: _split_of(p[len(folder) :]) for p in kept}
+    splits = set(labels.values())
+    if splits - {None, "train"}:  # a test or validation split among the files: never trained on by default
+        if None in splits or "train" not in splits:
+            named = sorted(p[len(folder) :].lstrip("/") for p, s in labels.items() if s not in (None, "train"))
             raise ConfigError(
-                f"{folder} holds the Hub's shards of splits {', '.join(sorted(splits))} and no train split: "
-                f"name the files to read, e.g. '{folder}/**/{sorted(splits)[0]}-*'"
+                f"{folder} holds split files ({', '.join(named[:3])}{', ...' if len(named) > 3 else ''}) beside "
+                f"{'files of no split' if None in splits else 'no train split'}: name the files to read, e.g. "
+                f"'{folder}/**/train*'"
             )
-        log.info("%s holds the Hub's shards of splits %s: reading the train split's", folder, ", ".join(sorted(splits)))
-        kept = [p for p in kept if _HUB_SHARD.match(os.path.basename(p)).group("split") == "train"]
+        log.info("%s holds the splits %s: reading the train split's files", folder, ", ".join(sorted(splits)))
+        kept = [p for p in kept if labels[p] == "train"]
     return kept
+
+
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+
+
+def _split_of(relative: str) -> str | None:
+    """The split a file below a folder belongs to, by the Hub's shard names
+    (`test-00000-of-00001.parquet`), its own name (`test.jsonl`, `validation.parquet`) or a
+    folder's (`test/part-0.jsonl`); None for a file of no split."""
+    name = os.path.basename(relative)
+    shard = _HUB_SHARD.match(name)
+    if shard:
+        return shard.group("split")
+    stem = name.split(".", 1)[0].lower()
+    if stem in SPLIT_NAMES:
+        return stem
+    folders = [d.lower() for d in relative.strip("/").split("/")[:-1]]
+    return next((d for d in folders if d in SPLIT_NAMES), None)
 
 
 def expand_paths(patterns: list[str]) -> Expanded:

@@ -15,6 +15,7 @@ to `data_mix.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -48,16 +49,21 @@ class DataPipeline:
     report: dict = field(default_factory=dict)
     heldout: dict[str, PackedWindows] = field(default_factory=dict)  # source -> its held-out windows
     document_masking: bool = False
+    identity: dict[str, str] = field(default_factory=dict)  # source -> its documents' digest (`store_identity`)
 
-    def heldout_batches(self, batches: int, process_index: int = 0, process_count: int = 1) -> dict[str, list[dict]]:
-        """Per source, up to `batches` batches of its held-out windows (in a fixed shuffled
-        order: the same batches every evaluation), as this host's rows; every batch carries
-        `loss_mask`, 0 on the rows that pad the last one. Sources with no held-out window
-        are left out (counted in data_mix.json's `heldout`)."""
+    def heldout_batches(
+        self, batches: int, process_index: int = 0, process_count: int = 1, rows: int | None = None
+    ) -> dict[str, list[dict]]:
+        """Per source, up to `batches` x the global batch of its held-out windows (in a fixed
+        shuffled order: the same windows every evaluation), in batches of `rows` (default the
+        global batch) as this host's rows; every batch carries `loss_mask`, 0 on the rows
+        that pad the last one. Sources with no held-out window are left out (counted in
+        data_mix.json's `heldout`)."""
         out: dict[str, list[dict]] = {}
-        rows, local = self.global_batch, self.global_batch // process_count
+        rows = rows or self.global_batch
+        local = rows // process_count
         for name, packed in self.heldout.items():
-            n = min(len(packed), batches * rows)
+            n = min(len(packed), batches * self.global_batch)
             if n == 0:
                 continue
             order = np.random.default_rng(0).permutation(len(packed))[:n]
@@ -157,6 +163,7 @@ def build_pipeline(
         raise ConfigError(f"a batch of {global_batch} sequences does not split over {process_count} processes")
     kept: list[tuple[Part, PackedWindows]] = []
     heldout: dict[str, PackedWindows] = {}
+    identity: dict[str, str] = {}
     rows: list[dict] = []
     sources: dict[str, dict] = {}
     for name, src in mix.sources.items():
@@ -165,6 +172,7 @@ def build_pipeline(
         sources[name] = {"documents_prepared": len(store), **({"prepare": counts} if counts else {})}
         parts = select_parts(name, src, store, mix, stage.name)
         sources[name]["reconciliation"] = reconcile(name, store, parts, mix)
+        identity[name] = store_identity(store)
         held = heldout_docs(name, src, store, mix)
         heldout[name] = PackedWindows(store, held, seq_len=stage.seq_len, eot_id=tokenizer.eos_id)
         sources[name]["heldout"] = {"share": mix.heldout_share, "documents": len(held),
@@ -211,7 +219,7 @@ def build_pipeline(
     report = {"data_mix": mix.name, "stage": stage.name, "seq_len": stage.seq_len, "parts": rows, "sources": sources}
     return DataPipeline(
         dataset, [p.name for p, _ in kept], [w for _, w in kept], weights, global_batch, read_options, report,
-        heldout=heldout, document_masking=mix.document_masking,
+        heldout=heldout, document_masking=mix.document_masking, identity=identity,
     )  # fmt: skip
 
 
@@ -261,6 +269,17 @@ def reconcile(name: str, store: DocumentStore, parts: list[Part], mix: DataMixCo
                     f"prepared data at {store_path(store)}; prepare it again into a new directory"
                 )
     return out
+
+
+def store_identity(store: DocumentStore) -> str:
+    """What the source's documents are: a prepared index's digest of its shards (recorded at
+    prepare time: nothing is read), else a digest of every document's length and content key."""
+    manifest = getattr(store, "manifest", None)
+    if manifest is not None:
+        return manifest["index"]["of"]
+    digest = hashlib.blake2b(np.ascontiguousarray(store.lengths, np.int64).tobytes(), digest_size=16)
+    digest.update(np.ascontiguousarray(store.keys, np.uint16).tobytes())
+    return digest.hexdigest()
 
 
 def store_path(store: DocumentStore) -> str:

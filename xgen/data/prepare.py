@@ -114,7 +114,9 @@ def find_text_field(name: str, spec: RawInputConfig, files: list[RawFile], hint:
     field, why = next(iter(chosen.values()))
     unread = len(answers) - len(chosen)
     how = f"found: {why}; {len(answers)} of {len(files)} files sampled" + (f", {unread} without a readable record" if unread else "")
-    log.info("data_mix.sources.%s: the text is field %r (%s; %s=<field> names another)", name, field, how, hint)
+    # A field of an unusual name may be a title or a URL: said as a warning, not in passing.
+    say = log.info if field in TEXT_FIELDS else log.warning
+    say("data_mix.sources.%s: the text is field %r (%s; %s=<field> names another)", name, field, how, hint)
     return dataclasses.replace(spec, text_field=field), how
 
 

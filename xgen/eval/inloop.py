@@ -5,7 +5,7 @@ is read and checked once, before the first step (a missing file fails at start-u
 hours in); every `trainer.eval_tasks_every` steps each is scored by an `Engine` over the
 Trainer's own runtime and the train state's parameters, on every host, without a checkpoint
 written or read. The scoring is `task=eval`'s own (`zeroshot.evaluate`, `mmlu.evaluate`
-with `EnginePredictor`, the same normalization over all output rows), so a number logged
+with `EnginePredictor`, the same normalization, `eval.normalize_over_all_rows`), so a number logged
 at step N equals `task=eval` on the checkpoint of step N (tests/train/test_in_loop_eval.py).
 Nothing is resumed between evaluations: each scores every item afresh.
 """
@@ -38,21 +38,24 @@ class BenchmarkEval:
         self.every = every
         self.runtime, self.tokenizer, self.max_len = runtime, tokenizer, max_len
         self.benchmarks = [_Benchmark(ev, _read(ev)) for ev in evals]
-        self._engine = None
+        self._engines: dict[bool, object] = {}
 
-    def _engine_for(self, params):
+    def _engine_for(self, params, all_rows: bool):
+        """One Engine per normalization (`eval.normalize_over_all_rows`, as task=eval's): its
+        compiled programs take the parameters as an argument, so each evaluation reuses them."""
         from xgen.generate.engine import Engine
 
-        if self._engine is None:  # one Engine: its compiled programs take the parameters as an argument
-            self._engine = Engine(self.runtime, params, self.tokenizer, max_len=self.max_len, score_all_rows=True)
-        self._engine.params = params
-        return self._engine
+        if all_rows not in self._engines:
+            self._engines[all_rows] = Engine(self.runtime, params, self.tokenizer, max_len=self.max_len, score_all_rows=all_rows)
+        engine = self._engines[all_rows]
+        engine.params = params
+        return engine
 
     def __call__(self, params, step: int) -> dict[str, float]:
-        engine = self._engine_for(params)
         out: dict[str, float] = {}
         for bench in self.benchmarks:
             ev = bench.cfg
+            engine = self._engine_for(params, ev.normalize_over_all_rows)
             if ev.kind == "zeroshot":
                 store = ItemStore(None, {})
                 summary = zeroshot.evaluate(

@@ -33,21 +33,8 @@ def run(cfg: XGenConfig, run_dir: Path) -> Path:
 def shipped_models() -> dict[str, ModelConfig]:
     """conf/model's options, each as `model=<name>` composes it (includes resolved), so the
     suggestion after an import names the shipped model it is (`model=tiny`) rather than
-    spelling out a dozen `model.*` keys. Inside `python -m xgen.run` Hydra is initialized
-    already; elsewhere (a test calling the task) the packaged conf/ is used."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    spelling out a dozen `model.*` keys."""
+    from xgen.config.store import compose, shipped
 
-    from xgen.config import register_configs, to_object
-    from xgen.config.snapshots import conf_dir
-
-    names = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
-
-    def composed() -> dict[str, ModelConfig]:
-        return {name: to_object(compose("config", overrides=[f"model={name}"])).model for name in names}
-
-    if GlobalHydra.instance().is_initialized():
-        return composed()
-    register_configs()
-    with initialize_config_module(config_module="xgen.conf", version_base="1.3"):
-        return composed()
+    names = shipped("model")
+    return {name: cfg.model for name, cfg in zip(names, compose([[f"model={name}"] for name in names]))}

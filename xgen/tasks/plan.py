@@ -9,7 +9,7 @@ Writes plan.json and prints a table. FLOPs are counted in the step's program
 loop's body once, so it undercounts scanned layers and chunked attention). A step that does
 not fit is compiled again with the execution presets of `plan.presets` until one fits, which
 the plan names as an override to paste (xgen/tasks/plan_advice.py). Each compile logs a line
-every 10 s (a 7B step for a pod compiles for minutes); libtpu's start-up lines go to run.log.
+after 10 s, then at doubling intervals up to a minute (a 7B step for a pod compiles for minutes); libtpu's start-up lines go to run.log.
 """
 
 from __future__ import annotations

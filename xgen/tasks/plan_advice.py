@@ -15,13 +15,8 @@ import dataclasses
 import shlex
 
 from xgen.config import ConfigError, XGenConfig
-
-
-def shipped(group: str) -> list[str]:
-    """The options of a config group as `python -m xgen.run` finds them (`pkg://xgen.conf`)."""
-    from xgen.config.snapshots import conf_dir
-
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+from xgen.config.store import compose as compose_configs
+from xgen.config.store import shipped
 
 
 def check_presets(cfg: XGenConfig) -> None:
@@ -55,19 +50,7 @@ def _key(override: str) -> str:
 
 
 def compose(overrides: list[str]) -> XGenConfig:
-    """The typed config of `overrides`, composed as `python -m xgen.run` composes it (inside
-    it, Hydra is initialized already; elsewhere the packaged conf/ is used)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from xgen.config.store import register_configs, to_object
-
-    if GlobalHydra.instance().is_initialized():
-        return to_object(hydra_compose("config", overrides=overrides))
-    register_configs()
-    with initialize_config_module(config_module="xgen.conf", version_base="1.3"):
-        return to_object(hydra_compose("config", overrides=overrides))
+    return compose_configs([overrides])[0]
 
 
 def with_preset(cfg: XGenConfig, preset: str, overrides: list[str]) -> XGenConfig:

@@ -43,7 +43,8 @@ class HeldoutLoss:
         self._global = trainer._global_batch
         self._fn = jax.jit(partial(_sums, graphdef=trainer.graphdef), in_shardings=(trainer.state_sharding.params, None))
         first = next(iter(batches.values()))[0]
-        abstract = trainer._abstract_batch(first)
+        rows = first["inputs"].shape[0] * jax.process_count()  # hosts' rows stack along the batch axis
+        abstract = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), jnp.int32, sharding=trainer.tokens_sharding) for k, v in first.items()}
         self._compiled = self._fn.lower(trainer.abstract_state.params, abstract).compile()
         self.tokens = {name: int(sum(b["loss_mask"].sum() for b in source)) for name, source in batches.items()}
 

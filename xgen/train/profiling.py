@@ -25,7 +25,7 @@ class Profiler:
 
     def before(self, step: int) -> None:
         """Called before step `step` runs."""
-        if step == self.first and jax.process_index() == 0:
+        if step == self.first and not self.active and jax.process_index() == 0:  # a rollback may return here
             self.out.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.out), create_perfetto_trace=True)
             self.active = True

@@ -29,7 +29,7 @@ RUN_DEFINING = (
 
 # Inside those, keys that change no number: when a run stops, not what it computes (a
 # checkpoint from before such a key existed resumes under its default).
-NOT_DEFINING = ("trainer.spike.max_rollbacks",)
+NOT_DEFINING = ("trainer.spike.max_rollbacks", "data_mix.prepare_on_use")
 
 
 def _defining(key: str) -> bool:
@@ -64,3 +64,20 @@ def check_resume(saved_config: dict, cfg: XGenConfig, where: str) -> dict[str, t
             f"use a new run directory, or allow it with trainer.allow_changes=[{','.join(refused)}]"
         )
     return changes
+
+
+def check_data(saved: dict | None, current: dict | None, allow: list[str], where: str) -> None:
+    """The same config can name other documents: files changed under `data_mix.paths` and
+    prepared again, a source re-prepared, another Python's standard library. Each source's
+    identity (its index's digest, or its documents' lengths and content keys) is stored in
+    every checkpoint; a resume onto other documents would continue the run on another data
+    order, so it is refused unless `trainer.allow_changes` names `data`."""
+    if not saved or not current or "data" in allow:
+        return
+    changed = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    if changed:
+        raise ConfigError(
+            f"{where}: the documents of data_mix source(s) {', '.join(changed)} are not those the checkpoint was trained on "
+            "(their files changed and were prepared again, or another corpus answers to the name): use a new run "
+            "directory, or allow it with trainer.allow_changes=[data]"
+        )

@@ -36,7 +36,7 @@ from xgen.train.metrics import MetricsLog, SequenceTrace, TrainMetrics, progress
 from xgen.train.optimizer import continue_schedule, lr_schedule, make_optimizer, mark_reset
 from xgen.train.preemption import StopRequest
 from xgen.train.profiling import Profiler
-from xgen.train.resume import check_resume
+from xgen.train.resume import check_data, check_resume
 from xgen.train.step import RunningStats, TrainState, train_step
 from xgen.train.throughput import flops_per_token
 from xgen.train.watchdog import Watchdog
@@ -229,6 +229,7 @@ class Trainer:
         primary = jax.process_index() == 0
         goodput = Goodput(self.run_dir, primary=primary)
         self._pending_events, self._allowed_changes = [], {}
+        self._data_identity = getattr(data, "identity", None)  # checked on resume: the documents, not only their config
         self._rollbacks_to: dict[int, int] = {}  # checkpoint step -> rollbacks to it in a row
         ckpt_dir = self.run_dir / "checkpoints"
         done = checkpoint.latest_step(ckpt_dir)
@@ -398,7 +399,7 @@ class Trainer:
                 goodput.since_mark("productive")
                 goodput.write(step)
             parts.profiler.after(step, state)
-            if not stopping:
+            if not stopping or step == self.steps:  # a stop cuts evaluations short, never the last one
                 self._evaluate(state, step, parts)
             parts.watchdog.beat(step)
             if stopping:
@@ -413,7 +414,10 @@ class Trainer:
             return []
         if not hasattr(data, "heldout_batches"):
             raise ConfigError("trainer.eval_every: this task's data has no held-out documents (pre-training's data_mix has)")
-        batches = data.heldout_batches(self.cfg.trainer.eval_batches, jax.process_index(), jax.process_count())
+        # Micro-batches, as the step runs them: a step that fits with trainer.grad_accum_steps
+        # would not with the whole batch's logits at once.
+        rows = self.batch_size // self.cfg.trainer.grad_accum_steps
+        batches = data.heldout_batches(self.cfg.trainer.eval_batches, jax.process_index(), jax.process_count(), rows=rows)
         if not batches:
             raise ConfigError(
                 f"trainer.eval_every={every}: no source holds out one sequence of {self.cfg.stage.seq_len} tokens at "
@@ -425,8 +429,9 @@ class Trainer:
                         ", ".join(missing), self.cfg.data_mix.heldout_share)  # fmt: skip
         with heartbeat("compiling the held-out loss"):
             evaluator = HeldoutLoss(every, batches, self)
-        log.info("held-out loss every %d steps over %s tokens: %s", every, f"{sum(evaluator.tokens.values()):,}",
-                 ", ".join(f"{n} {t:,}" for n, t in evaluator.tokens.items()))  # fmt: skip
+        tokens = {n: t * jax.process_count() for n, t in evaluator.tokens.items()}  # every host holds as many
+        log.info("held-out loss every %d steps over %s tokens: %s", every, f"{sum(tokens.values()):,}",
+                 ", ".join(f"{n} {t:,}" for n, t in tokens.items()))  # fmt: skip
         return [evaluator]
 
     def _evaluate(self, state: TrainState, step: int, parts: "_LoopParts") -> None:
@@ -458,6 +463,8 @@ class Trainer:
             log.error(message)
             return
         meta = {"config": dataclasses.asdict(self.cfg), "step": step, "schedule": [list(r) for r in self.schedule_record]}
+        if self._data_identity is not None:
+            meta["data"] = self._data_identity
         with self._writing(step):  # also where an earlier save's failure in the background surfaces
             checkpoint.save(mngr, step, self.runtime.to_disk(state), batches.get_state(), meta)
 
@@ -531,6 +538,7 @@ class Trainer:
         if restored is not None:
             state, data_state, step, meta = restored
             self._allowed_changes = check_resume(meta.get("config", {}), self.cfg, f"{self.run_dir} at step {step}")
+            check_data(meta.get("data"), self._data_identity, self.cfg.trainer.allow_changes, f"{self.run_dir} at step {step}")
             batches.set_state(data_state)
             return state, meta
         if self.cfg.trainer.init_from is None:
