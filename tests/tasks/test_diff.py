@@ -119,7 +119,7 @@ def test_bad_inputs_end_in_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "list.yaml").write_text("- optimizer\n- lr\n")
     for spec, needle in [
         (tmp_path / "empty", "no .hydra/config.yaml there"),
-        ("no_such_snapshot", "no such run directory, YAML file or snapshot (snapshots: experiment.xgen_7b_s1_2k"),
+        ("no_such_snapshot", "no such run directory, YAML file or snapshot (snapshots: experiment.python_demo, experiment.xgen_7b_s1_2k"),
         (tmp_path / "broken", "not a readable config (while parsing a flow node"),
         (tmp_path / "empty.yaml", f"{tmp_path / 'empty.yaml'}: empty (no YAML document in it), so not a config"),
         (tmp_path / "list.yaml", f"{tmp_path / 'list.yaml'}: not a config (its top level is a list, not a mapping"),
