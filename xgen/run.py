@@ -38,6 +38,8 @@ def _config_error_line(ex: BaseException) -> str | None:
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(ex, AssertionError) and "Unexpected type for root: NoneType" in str(ex):
+        return _key_of_unselected_group()  # OmegaConf's assertion, under Hydra's override
     if not isinstance(ex, (HydraException, OmegaConfBaseException, ConfigError)):
         return None
     parts = []
@@ -61,6 +63,24 @@ def _config_error_line(ex: BaseException) -> str | None:
     if isinstance(ex, MissingConfigException) and ex.options:
         line += f" (available: {', '.join(sorted(ex.options))})"
     return line
+
+
+# Groups selected as nothing by default (conf/config.yaml), and the tracker's two members.
+_UNSELECTED_BY_DEFAULT = {"sft": "sft", "eval": "eval", "tracker.wandb": "tracker", "tracker.tensorboard": "tracker"}
+
+
+def _key_of_unselected_group() -> str:
+    """`tracker.wandb.project=p` without `tracker=wandb` (or `sft.epochs=2` without `sft=...`):
+    a key inside a group this command does not select, named in one line."""
+    for arg in sys.argv[1:]:
+        key = arg.split("=", 1)[0]
+        if "=" not in arg or arg.startswith(("-", "+", "~")):
+            continue
+        for prefix, group in _UNSELECTED_BY_DEFAULT.items():
+            if key.startswith(prefix + "."):
+                choice = prefix.split(".")[1] if "." in prefix else "<option>"
+                return f"{arg} sets a key of the {prefix} config, which this command does not select: add {group}={choice}"
+    return "an override sets a key of a config group this command does not select (sft, eval, tracker.wandb): select it first"
 
 
 def _unparsable_override() -> str | None:

@@ -120,6 +120,8 @@ def test_the_shipped_configs_pass_the_same_checks():
         # Needs the data (lengths only), so it comes after validation, still before the model.
         (["data_mix.min_doc_tokens=100000000"], "part python_docs has no documents (dropped: {'min_doc_tokens': "),
         (["task=eval", "eval=humaneval", "eval.sandbox.backend=docker"], "eval.sandbox.backend=docker"),
+        (["tracker.wandb.project=p"], "tracker.wandb.project=p sets a key of the tracker.wandb config, which this command does not select: add tracker=wandb"),
+        (["sft.epochs=2"], "sft.epochs=2 sets a key of the sft config, which this command does not select: add sft=<option>"),
     ],
 )
 def test_the_command_line_says_it_in_one_line_and_exits_2(overrides, needle, tmp_path):
