@@ -75,12 +75,9 @@ class BenchmarkEval:
 
 
 def _read(ev: EvalConfig):
-    """A benchmark's items, read and checked now (before any step)."""
+    """A benchmark's items, read and checked now (before any step), as task=eval reads them."""
     if ev.kind == "zeroshot":
-        if ev.shots != 0:
-            raise ConfigError(f"trainer.eval_tasks: {ev.name} has eval.shots={ev.shots}; zeroshot is zero-shot only")
-        return {t.name: zeroshot.load_task(ev.data_path, t, ev.limit) for t in zeroshot.selected_tasks(ev.tasks)}
+        return zeroshot.read_items(ev)
     if ev.kind == "mmlu":
-        subjects = mmlu.subjects_in(ev.data_path)
-        return subjects, mmlu.read_subjects(ev.data_path, subjects, ev.shots, ev.limit, ev.allow_empty)
+        return mmlu.read_all(ev)
     raise ConfigError(f"trainer.eval_tasks: {ev.name} (kind {ev.kind}) is not a log-likelihood benchmark")

@@ -274,6 +274,13 @@ def read_subjects(
     return splits
 
 
+def read_all(ev) -> tuple[list[str], dict[str, tuple[list[Question], list[Question]]]]:
+    """Every subject under `eval.data_path` (an `EvalConfig`) and its splits, read and checked:
+    what `task=eval` and the training loop's benchmarks (`xgen.eval.inloop`) score."""
+    subjects = subjects_in(ev.data_path)
+    return subjects, read_subjects(ev.data_path, subjects, ev.shots, ev.limit, ev.allow_empty)
+
+
 def evaluate(
     data_path: str | Path,
     tokenizer,
@@ -340,8 +347,7 @@ def run_benchmark(cfg, run_dir: Path) -> dict:
     from xgen.generate.load import load_engine
 
     # Every file read and checked before the model loads: bad data fails in seconds.
-    subjects = subjects_in(cfg.eval.data_path)
-    splits = read_subjects(cfg.eval.data_path, subjects, cfg.eval.shots, cfg.eval.limit, cfg.eval.allow_empty)
+    subjects, splits = read_all(cfg.eval)
     model = model_identity(cfg.checkpoint) if cfg.checkpoint else None
     engine = load_engine(cfg)
     result = evaluate(

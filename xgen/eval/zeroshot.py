@@ -162,16 +162,21 @@ def markdown_table(summary: dict[str, dict], model: str = "model") -> str:
     return first + "\n" + markdown(rows)
 
 
+def read_items(ev) -> dict[str, list[Rendered]]:
+    """`eval.tasks`' items (an `EvalConfig`), read and checked: what `task=eval` and the
+    training loop's benchmarks (`xgen.eval.inloop`) score."""
+    if ev.shots != 0:
+        raise ConfigError(f"eval.shots={ev.shots}: eval={ev.name} is zero-shot only (Table 6); leave eval.shots at 0")
+    return {t.name: load_task(ev.data_path, t, ev.limit) for t in selected_tasks(ev.tasks)}
+
+
 def run_benchmark(cfg, run_dir: Path) -> dict:
     """`task=eval eval=zeroshot`: zeroshot.json/.md in `run_dir`, resumable by item."""
     from xgen.eval.common import data_fingerprint, model_identity, model_label, score_settings, write_result
     from xgen.eval.loglik import loglikelihood
     from xgen.generate.load import load_engine
 
-    if cfg.eval.shots != 0:
-        raise ConfigError(f"eval.shots={cfg.eval.shots}: eval=zeroshot is zero-shot only (Table 6); leave eval.shots at 0")
-    tasks = selected_tasks(cfg.eval.tasks)
-    items = {t.name: load_task(cfg.eval.data_path, t, cfg.eval.limit) for t in tasks}  # before the model loads
+    items = read_items(cfg.eval)  # before the model loads
     model = model_identity(cfg.checkpoint)
     engine = load_engine(cfg)
     store = ItemStore(
